@@ -1,0 +1,75 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let package = Package(
+    name: "sluice",
+    platforms: [.macOS(.v14)],
+    products: [
+        .executable(name: "ingest", targets: ["ingest"]),
+        .executable(name: "router", targets: ["router"]),
+        .executable(name: "kafka-out", targets: ["kafka-out"]),
+        .executable(name: "keen-out", targets: ["keen-out"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
+        .package(url: "https://github.com/hummingbird-project/hummingbird.git", from: "2.28.1"),
+        .package(url: "https://github.com/jpsim/Yams.git", from: "6.2.2"),
+        .package(url: "https://github.com/adam-fowler/compress-nio.git", from: "1.5.0"),
+    ],
+    targets: [
+        // C system libraries (Debian: librdkafka-dev, libcurl4-openssl-dev).
+        .systemLibrary(name: "CRdKafka", pkgConfig: "rdkafka", providers: [.apt(["librdkafka-dev"])]),
+        .systemLibrary(name: "CCurl", pkgConfig: "libcurl", providers: [.apt(["libcurl4-openssl-dev"])]),
+
+        // Frame codec, sockets, JSON layer, batch model, config, logging, CLI options.
+        .target(
+            name: "Shared",
+            dependencies: [
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "Yams", package: "Yams"),
+            ]
+        ),
+        // The one Kafka client both outputs use: the only module that imports librdkafka.
+        .target(
+            name: "KafkaClient",
+            dependencies: [
+                "CRdKafka",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+
+        .executableTarget(
+            name: "ingest",
+            dependencies: [
+                "Shared",
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "CompressNIO", package: "compress-nio"),
+            ]
+        ),
+        .executableTarget(name: "router", dependencies: ["Shared"]),
+        .executableTarget(name: "kafka-out", dependencies: ["Shared", "KafkaClient"]),
+        .executableTarget(name: "keen-out", dependencies: ["Shared", "CCurl"]),
+
+        .testTarget(name: "SharedTests", dependencies: ["Shared"]),
+        .testTarget(name: "KafkaClientTests", dependencies: ["KafkaClient", "Shared", "kafka-out"]),
+        .testTarget(
+            name: "IngestTests",
+            dependencies: [
+                "ingest", "Shared",
+                .product(name: "HummingbirdTesting", package: "hummingbird"),
+                .product(name: "CompressNIO", package: "compress-nio"),
+            ]
+        ),
+        .testTarget(
+            name: "SystemTests",
+            dependencies: ["Shared", "ingest", "router", "kafka-out", "keen-out"]
+        ),
+    ]
+)

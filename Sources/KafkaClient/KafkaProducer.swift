@@ -1,0 +1,190 @@
+import CRdKafka
+import Foundation
+import Logging
+
+/// The outcome of one produced message, matched to its send by `id`.
+public struct DeliveryReport: Sendable {
+    public var id: UInt64
+    public var error: KafkaError?
+    public var partition: Int32
+    public var offset: Int64
+}
+
+/// One librdkafka producer. Its own thread serves librdkafka's event queue (delivery reports, logs,
+/// errors), so no librdkafka thread ever calls into Swift. Delivery reports are matched to sends by
+/// the id carried in the message's opaque pointer.
+public final class KafkaProducer: @unchecked Sendable {
+    private let handle: OpaquePointer
+    private let queue: OpaquePointer
+    private let lock = NSLock()
+    private var topics: [String: OpaquePointer] = [:]
+    private var stopping = false
+    private var fatal: KafkaError?
+    private let stopped = DispatchSemaphore(value: 0)
+    private let onDelivery: @Sendable ([DeliveryReport]) -> Void
+    private let logger: Logger
+    public let configuration: ProducerConfiguration
+
+    public init(
+        configuration: ProducerConfiguration, logger: Logger,
+        onDelivery: @escaping @Sendable ([DeliveryReport]) -> Void
+    ) throws(KafkaError) {
+        self.configuration = configuration
+        self.logger = logger
+        self.onDelivery = onDelivery
+        let conf = rd_kafka_conf_new()!
+        var errstr = [CChar](repeating: 0, count: 512)
+        for (key, value) in configuration.properties {
+            if rd_kafka_conf_set(conf, key, value, &errstr, errstr.count) != RD_KAFKA_CONF_OK {
+                rd_kafka_conf_destroy(conf)
+                let shown = ProducerConfiguration.secretProperties.contains(key) ? "<redacted>" : value
+                throw .configuration("librdkafka rejected \(key)=\(shown): \(errorText(errstr))")
+            }
+        }
+        rd_kafka_conf_set_events(conf, RD_KAFKA_EVENT_DR | RD_KAFKA_EVENT_LOG | RD_KAFKA_EVENT_ERROR)
+        guard let rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, &errstr, errstr.count) else {
+            // On failure the configuration object is still ours.
+            rd_kafka_conf_destroy(conf)
+            throw .configuration("cannot create a Kafka producer: \(errorText(errstr))")
+        }
+        handle = rk
+        queue = rd_kafka_queue_get_main(rk)
+        rd_kafka_set_log_queue(rk, queue)
+        let thread = Thread { [unowned self] in self.pollLoop() }
+        thread.name = "kafka-poll"
+        thread.start()
+    }
+
+    deinit {
+        lock.withLock { stopping = true }
+        stopped.wait()
+        for (_, rkt) in topics { rd_kafka_topic_destroy(rkt) }
+        rd_kafka_queue_destroy(queue)
+        rd_kafka_destroy(handle)
+    }
+
+    /// A fatal error (e.g. the idempotent producer lost its state): this producer can send no more.
+    public var fatalError: KafkaError? { lock.withLock { fatal } }
+
+    /// Messages handed to librdkafka and not yet reported.
+    public var outstanding: Int { Int(rd_kafka_outq_len(handle)) }
+
+    /// Hands one message to librdkafka (copied). Throws `_QUEUE_FULL` (retriable) when librdkafka's
+    /// queue is full: wait for deliveries and try again.
+    public func produce(
+        topic: String, key: UnsafeRawBufferPointer?, value: UnsafeRawBufferPointer,
+        headers: [(name: String, value: String)] = [], id: UInt64
+    ) throws(KafkaError) {
+        let rkt = try topicHandle(topic)
+        let count = 5 + headers.count
+        var vus = [rd_kafka_vu_t](repeating: rd_kafka_vu_t(), count: count)
+        let err: OpaquePointer? = withCStrings(headers.map(\.name)) { names in
+            withCStrings(headers.map(\.value)) { values in
+                vus[0].vtype = RD_KAFKA_VTYPE_RKT
+                vus[0].u.rkt = rkt
+                vus[1].vtype = RD_KAFKA_VTYPE_VALUE
+                vus[1].u.mem.ptr = UnsafeMutableRawPointer(mutating: value.baseAddress)
+                vus[1].u.mem.size = value.count
+                vus[2].vtype = RD_KAFKA_VTYPE_KEY
+                vus[2].u.mem.ptr = key.flatMap { UnsafeMutableRawPointer(mutating: $0.baseAddress) }
+                vus[2].u.mem.size = key?.count ?? 0
+                vus[3].vtype = RD_KAFKA_VTYPE_OPAQUE
+                vus[3].u.ptr = UnsafeMutableRawPointer(bitPattern: UInt(id))
+                vus[4].vtype = RD_KAFKA_VTYPE_MSGFLAGS
+                vus[4].u.i = RD_KAFKA_MSG_F_COPY
+                for i in 0..<headers.count {
+                    vus[5 + i].vtype = RD_KAFKA_VTYPE_HEADER
+                    vus[5 + i].u.header.name = names[i]
+                    vus[5 + i].u.header.val = UnsafeRawPointer(values[i])
+                    vus[5 + i].u.header.size = strlen(values[i]!)
+                }
+                return rd_kafka_produceva(handle, &vus, count)
+            }
+        }
+        if let err {
+            let code = rd_kafka_error_code(err)
+            let message = String(cString: rd_kafka_error_string(err))
+            let fatal = rd_kafka_error_is_fatal(err) != 0
+            rd_kafka_error_destroy(err)
+            throw KafkaError(code, message: message, isFatal: fatal)
+        }
+    }
+
+    /// Waits (blocking this thread) until everything handed over is delivered or `timeout` passes.
+    /// Returns the number of messages still outstanding.
+    @discardableResult
+    public func flush(timeout: Duration) -> Int {
+        _ = rd_kafka_flush(handle, Int32(ProducerConfiguration.milliseconds(timeout)) ?? 0)
+        return outstanding
+    }
+
+    private func topicHandle(_ name: String) throws(KafkaError) -> OpaquePointer {
+        lock.lock()
+        defer { lock.unlock() }
+        if let t = topics[name] { return t }
+        guard let t = rd_kafka_topic_new(handle, name, nil) else {
+            throw KafkaError(rd_kafka_last_error(), message: "cannot use topic '\(name)'")
+        }
+        topics[name] = t
+        return t
+    }
+
+    private func pollLoop() {
+        var reports: [DeliveryReport] = []
+        while !lock.withLock({ stopping }) {
+            guard let event = rd_kafka_queue_poll(queue, 100) else { continue }
+            switch Int32(rd_kafka_event_type(event)) {
+            case RD_KAFKA_EVENT_DR:
+                reports.removeAll(keepingCapacity: true)
+                while let message = rd_kafka_event_message_next(event) {
+                    let m = message.pointee
+                    let error: KafkaError? =
+                        m.err == RD_KAFKA_RESP_ERR_NO_ERROR
+                        ? nil : KafkaError(m.err, message: String(cString: rd_kafka_message_errstr(message)))
+                    reports.append(
+                        DeliveryReport(
+                            id: UInt64(UInt(bitPattern: m._private)), error: error, partition: m.partition, offset: m.offset))
+                }
+                if !reports.isEmpty { onDelivery(reports) }
+            case RD_KAFKA_EVENT_LOG:
+                var facility: UnsafePointer<CChar>?
+                var text: UnsafePointer<CChar>?
+                var level: Int32 = 0
+                rd_kafka_event_log(event, &facility, &text, &level)
+                let message = text.map { String(cString: $0) } ?? ""
+                logger.log(
+                    level: Self.level(syslog: level), "librdkafka",
+                    metadata: ["kafka.facility": "\(facility.map { String(cString: $0) } ?? "")", "kafka.log": "\(message)"])
+            case RD_KAFKA_EVENT_ERROR:
+                let err = rd_kafka_event_error(event)
+                let isFatal = rd_kafka_event_error_is_fatal(event) != 0
+                let error = KafkaError(err, message: String(cString: rd_kafka_event_error_string(event)), isFatal: isFatal)
+                if isFatal { lock.withLock { fatal = error } }
+                logger.log(
+                    level: isFatal ? .error : .warning, "kafka client error",
+                    metadata: ["kafka.error": "\(error.name)", "kafka.message": "\(error.message)", "kafka.fatal": "\(isFatal)"])
+            default:
+                break
+            }
+            rd_kafka_event_destroy(event)
+        }
+        stopped.signal()
+    }
+
+    static func level(syslog: Int32) -> Logger.Level {
+        switch syslog {
+        case ...3: return .error
+        case 4: return .warning
+        case 5: return .notice
+        case 6: return .info
+        default: return .debug
+        }
+    }
+}
+
+/// Runs `body` with C strings for each element (valid only inside `body`).
+func withCStrings<R>(_ strings: [String], _ body: ([UnsafePointer<CChar>?]) -> R) -> R {
+    let copies = strings.map { strdup($0) }
+    defer { copies.forEach { free($0) } }
+    return body(copies.map { UnsafePointer($0) })
+}

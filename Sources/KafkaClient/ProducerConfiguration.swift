@@ -1,0 +1,96 @@
+/// Typed producer settings. This is the one place that spells librdkafka's property names.
+public struct ProducerConfiguration: Sendable, Equatable, Hashable {
+    public enum SecurityProtocol: String, Sendable {
+        case ssl = "ssl"
+        case saslSSL = "sasl_ssl"
+        /// Development only (the embedded mock cluster).
+        case plaintext = "plaintext"
+    }
+
+    public enum SASLMechanism: String, Sendable {
+        case plain = "PLAIN"
+        case scramSHA256 = "SCRAM-SHA-256"
+        case scramSHA512 = "SCRAM-SHA-512"
+    }
+
+    public struct SASL: Sendable, Equatable, Hashable {
+        public var mechanism: SASLMechanism
+        public var username: String
+        public var password: String?
+        public init(mechanism: SASLMechanism, username: String, password: String?) {
+            self.mechanism = mechanism
+            self.username = username
+            self.password = password
+        }
+    }
+
+    public struct TLS: Sendable, Equatable, Hashable {
+        /// Client private key and certificate (PEM), for brokers that require client certificates.
+        public var privateKeyPEM: String?
+        public var certificatePEM: String?
+        /// CA certificate(s) (PEM) that signed the brokers' certificates; nil: the system trust store.
+        public var caPEM: String?
+        public init(privateKeyPEM: String? = nil, certificatePEM: String? = nil, caPEM: String? = nil) {
+            self.privateKeyPEM = privateKeyPEM
+            self.certificatePEM = certificatePEM
+            self.caPEM = caPEM
+        }
+    }
+
+    public var bootstrapServers: String
+    public var securityProtocol: SecurityProtocol
+    public var sasl: SASL?
+    public var tls: TLS
+    public var clientID = "sluice"
+    /// How long librdkafka may hold a message before reporting `_MSG_TIMED_OUT` (never dropped:
+    /// a timed-out message is reported as a retryable failure).
+    public var messageTimeout: Duration = .seconds(300)
+    public var linger: Duration = .milliseconds(5)
+    public var queueMaxMessages = 100_000
+    public var queueMaxKilobytes = 256 * 1024
+
+    public init(bootstrapServers: String, securityProtocol: SecurityProtocol, sasl: SASL? = nil, tls: TLS = TLS()) {
+        self.bootstrapServers = bootstrapServers
+        self.securityProtocol = securityProtocol
+        self.sasl = sasl
+        self.tls = tls
+    }
+
+    static func milliseconds(_ d: Duration) -> String {
+        let (s, atto) = d.components
+        return String(s * 1000 + atto / 1_000_000_000_000_000)
+    }
+
+    /// The librdkafka properties, in the order they are applied.
+    public var properties: [(key: String, value: String)] {
+        var p: [(key: String, value: String)] = [
+            ("bootstrap.servers", bootstrapServers),
+            ("client.id", clientID),
+            // Durability: every in-sync replica has the message, and retries never reorder or duplicate.
+            ("acks", "all"),
+            ("enable.idempotence", "true"),
+            ("message.timeout.ms", Self.milliseconds(messageTimeout)),
+            ("linger.ms", Self.milliseconds(linger)),
+            ("queue.buffering.max.messages", String(queueMaxMessages)),
+            ("queue.buffering.max.kbytes", String(queueMaxKilobytes)),
+            // librdkafka's log lines go to the event queue and are read by our poll thread.
+            ("log.queue", "true"),
+            ("security.protocol", securityProtocol.rawValue),
+        ]
+        if securityProtocol != .plaintext {
+            p.append(("ssl.endpoint.identification.algorithm", "https"))
+            if let key = tls.privateKeyPEM { p.append(("ssl.key.pem", key)) }
+            if let cert = tls.certificatePEM { p.append(("ssl.certificate.pem", cert)) }
+            if let ca = tls.caPEM { p.append(("ssl.ca.pem", ca)) }
+        }
+        if let sasl {
+            p.append(("sasl.mechanisms", sasl.mechanism.rawValue))
+            p.append(("sasl.username", sasl.username))
+            if let password = sasl.password { p.append(("sasl.password", password)) }
+        }
+        return p
+    }
+
+    /// Property names whose values must never be shown.
+    public static let secretProperties: Set<String> = ["sasl.password", "ssl.key.pem", "ssl.key.password"]
+}

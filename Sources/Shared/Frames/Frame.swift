@@ -1,0 +1,198 @@
+import NIOCore
+
+/// The protocol version spoken on Sluice's Unix sockets. A peer with another version is refused.
+public let frameProtocolVersion = 1
+
+/// What a frame is for.
+public enum FrameType: String, Sendable {
+    /// First frame of a connection: protocol version, role and instance id.
+    case hello
+    /// A batch: ingest → router (with tenant), router → output (with destination and key).
+    case batch
+    /// A destination's resolved settings, sent by the router before the first batch that uses it.
+    case destination
+    /// The frame with this id was handled.
+    case ack
+    /// The frame with this id failed; `reason` says why and `retryable` whether trying again can help.
+    case nack
+    /// The peer broke the protocol; the connection is closed after this frame.
+    case error
+}
+
+/// The role a process announces in its `hello`.
+public enum PeerRole: String, Sendable, CaseIterable {
+    case ingest
+    case kafkaOut = "kafka-out"
+    case keenOut = "keen-out"
+}
+
+/// One length-prefixed JSON frame. On the wire: 4-byte big-endian length, then a JSON object.
+/// `payload` is carried as raw embedded JSON (never as an escaped string), so a process that only
+/// forwards it does not rebuild it.
+public struct Frame: Sendable, Equatable {
+    public var type: FrameType
+    public var id: UInt64
+    public var version: Int?
+    public var role: String?
+    public var instance: String?
+    public var tenant: String?
+    public var destination: String?
+    public var key: String?
+    public var reason: String?
+    public var retryable: Bool?
+    public var code: String?
+    public var message: String?
+    /// Raw JSON (a batch, or a destination's settings). Must be a valid JSON document.
+    public var payload: ByteBuffer?
+
+    public init(type: FrameType, id: UInt64 = 0) {
+        self.type = type
+        self.id = id
+    }
+
+    public static func hello(role: PeerRole, instance: String) -> Frame {
+        var f = Frame(type: .hello)
+        f.version = frameProtocolVersion
+        f.role = role.rawValue
+        f.instance = instance
+        return f
+    }
+
+    public static func ack(_ id: UInt64) -> Frame { Frame(type: .ack, id: id) }
+
+    public static func nack(_ id: UInt64, reason: String, retryable: Bool) -> Frame {
+        var f = Frame(type: .nack, id: id)
+        f.reason = reason
+        f.retryable = retryable
+        return f
+    }
+
+    public static func error(code: String, message: String) -> Frame {
+        var f = Frame(type: .error)
+        f.code = code
+        f.message = message
+        return f
+    }
+}
+
+/// Why a frame could not be read. Each is answered with an `error` frame and the connection closed.
+public enum FrameError: Error, Equatable, CustomStringConvertible, Sendable {
+    case oversize(length: Int, limit: Int)
+    case invalidJSON(JSONError)
+    case invalidFrame(String)
+    case truncated(missing: Int)
+
+    public var code: String {
+        switch self {
+        case .oversize: return "FRAME_TOO_LARGE"
+        case .invalidJSON: return "FRAME_NOT_JSON"
+        case .invalidFrame: return "FRAME_INVALID"
+        case .truncated: return "FRAME_TRUNCATED"
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case .oversize(let length, let limit): return "frame of \(length) bytes exceeds the limit of \(limit) bytes"
+        case .invalidJSON(let e): return "frame is not valid JSON: \(e)"
+        case .invalidFrame(let why): return "invalid frame: \(why)"
+        case .truncated(let missing): return "connection closed in the middle of a frame (\(missing) bytes missing)"
+        }
+    }
+}
+
+extension Frame {
+    /// Encodes the frame, length prefix included, onto `out`.
+    public func encode(into out: inout ByteBuffer) {
+        let lengthIndex = out.writerIndex
+        out.writeInteger(UInt32(0))
+        let start = out.writerIndex
+        out.writeStaticString("{\"type\":")
+        JSON.writeString(type.rawValue, into: &out)
+        out.writeStaticString(",\"id\":")
+        out.writeString(String(id))
+        if let version { out.writeStaticString(",\"version\":"); out.writeString(String(version)) }
+        func field(_ name: StaticString, _ value: String?) {
+            guard let value else { return }
+            out.writeStaticString(name)
+            JSON.writeString(value, into: &out)
+        }
+        field(",\"role\":", role)
+        field(",\"instance\":", instance)
+        field(",\"tenant\":", tenant)
+        field(",\"destination\":", destination)
+        field(",\"key\":", key)
+        field(",\"reason\":", reason)
+        field(",\"code\":", code)
+        field(",\"message\":", message)
+        if let retryable {
+            if retryable { out.writeStaticString(",\"retryable\":true") } else { out.writeStaticString(",\"retryable\":false") }
+        }
+        if var payload {
+            out.writeStaticString(",\"payload\":")
+            out.writeBuffer(&payload)
+        }
+        out.writeInteger(UInt8(ascii: "}"))
+        out.setInteger(UInt32(out.writerIndex - start), at: lengthIndex)
+    }
+
+    /// Decodes one frame body (the JSON, without the length prefix).
+    public static func decode(body: ByteBuffer) throws(FrameError) -> Frame {
+        let result: Result<Frame, FrameError> = body.withUnsafeReadableBytes { raw in
+            let members: [(key: String, range: Range<Int>)]
+            do throws(JSONError) { members = try JSON.members(raw) } catch { return .failure(.invalidJSON(error)) }
+            var type: FrameType?
+            var id: UInt64?
+            var frame = Frame(type: .error)
+            for m in members {
+                let value = UnsafeRawBufferPointer(rebasing: raw[m.range])
+                func text() throws(FrameError) -> String {
+                    guard let s = JSON.string(value) else { throw .invalidFrame("'\(m.key)' must be a string") }
+                    return s
+                }
+                do {
+                    switch m.key {
+                    case "type":
+                        let name = try text()
+                        guard let t = FrameType(rawValue: name) else { throw FrameError.invalidFrame("unknown frame type '\(name)'") }
+                        type = t
+                    case "id":
+                        guard JSON.kind(value) == .number, let v = UInt64(String(decoding: value, as: UTF8.self)) else {
+                            throw FrameError.invalidFrame("'id' must be an unsigned integer")
+                        }
+                        id = v
+                    case "version":
+                        guard JSON.kind(value) == .number, let v = Int(String(decoding: value, as: UTF8.self)) else {
+                            throw FrameError.invalidFrame("'version' must be an integer")
+                        }
+                        frame.version = v
+                    case "role": frame.role = try text()
+                    case "instance": frame.instance = try text()
+                    case "tenant": frame.tenant = try text()
+                    case "destination": frame.destination = try text()
+                    case "key": frame.key = try text()
+                    case "reason": frame.reason = try text()
+                    case "code": frame.code = try text()
+                    case "message": frame.message = try text()
+                    case "retryable":
+                        guard JSON.kind(value) == .bool else { throw FrameError.invalidFrame("'retryable' must be a boolean") }
+                        frame.retryable = value.first == UInt8(ascii: "t")
+                    case "payload":
+                        frame.payload = body.slice(m.range)
+                    default:
+                        continue  // newer peers may add fields
+                    }
+                } catch let e as FrameError {
+                    return .failure(e)
+                } catch {
+                    return .failure(.invalidFrame("\(error)"))
+                }
+            }
+            guard let type else { return .failure(.invalidFrame("missing 'type'")) }
+            frame.type = type
+            frame.id = id ?? 0
+            return .success(frame)
+        }
+        return try result.get()
+    }
+}

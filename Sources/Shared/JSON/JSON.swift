@@ -1,0 +1,127 @@
+import NIOCore
+
+/// The narrow interface of Sluice's JSON layer: validate, read a field, edit a value, write.
+///
+/// Documents stay as bytes between processes; a field is read by scanning, not by building a tree.
+/// `JSONValue` exists for the few places that edit a document, and keeps numbers as literal text.
+public enum JSON {
+    /// Validates a whole document.
+    public static func validate(_ bytes: UnsafeRawBufferPointer, maxDepth: Int = JSONScanner.defaultMaxDepth)
+        throws(JSONError)
+    {
+        var scanner = JSONScanner(bytes, maxDepth: maxDepth)
+        try scanner.validateDocument()
+    }
+
+    public static func validate(_ buffer: ByteBuffer, maxDepth: Int = JSONScanner.defaultMaxDepth) throws(JSONError) {
+        let result: JSONError? = buffer.withUnsafeReadableBytes { raw -> JSONError? in
+            do throws(JSONError) { try validate(raw, maxDepth: maxDepth); return nil } catch { return error }
+        }
+        if let result { throw result }
+    }
+
+    /// The members of a top-level object, each value validated and given as a byte range.
+    public static func members(_ bytes: UnsafeRawBufferPointer, maxDepth: Int = JSONScanner.defaultMaxDepth)
+        throws(JSONError) -> [(key: String, range: Range<Int>)]
+    {
+        var scanner = JSONScanner(bytes, maxDepth: maxDepth)
+        var out: [(key: String, range: Range<Int>)] = []
+        do {
+            try scanner.forEachMember { key, range in out.append((key, range)) }
+            try scanner.expectEnd()
+        } catch let e as JSONError { throw e } catch { fatalError("unreachable") }
+        return out
+    }
+
+    /// The elements of a top-level array, each validated and given as a byte range.
+    public static func elements(_ bytes: UnsafeRawBufferPointer, maxDepth: Int = JSONScanner.defaultMaxDepth)
+        throws(JSONError) -> [Range<Int>]
+    {
+        var scanner = JSONScanner(bytes, maxDepth: maxDepth)
+        var out: [Range<Int>] = []
+        do {
+            try scanner.forEachElement { out.append($0) }
+            try scanner.expectEnd()
+        } catch let e as JSONError { throw e } catch { fatalError("unreachable") }
+        return out
+    }
+
+    /// The kind of an already validated value.
+    public static func kind(_ bytes: UnsafeRawBufferPointer) -> JSONKind {
+        switch bytes.first {
+        case UInt8(ascii: "{"): return .object
+        case UInt8(ascii: "["): return .array
+        case UInt8(ascii: "\""): return .string
+        case UInt8(ascii: "t"), UInt8(ascii: "f"): return .bool
+        case UInt8(ascii: "n"): return .null
+        default: return .number
+        }
+    }
+
+    /// Decodes an already validated string value (with its quotes).
+    public static func string(_ bytes: UnsafeRawBufferPointer) -> String? {
+        guard kind(bytes) == .string else { return nil }
+        var scanner = JSONScanner(bytes)
+        return try? scanner.readString()
+    }
+
+    /// A signed 64-bit integer given as a JSON number or as a string of decimal digits, returned as
+    /// canonical decimal text. Never goes through Double. Nil for anything else (fractions,
+    /// exponents, out-of-range values, other types).
+    public static func int64Text(_ bytes: UnsafeRawBufferPointer) -> String? {
+        let text: String
+        switch kind(bytes) {
+        case .number: text = String(decoding: bytes, as: UTF8.self)
+        case .string:
+            guard let s = string(bytes) else { return nil }
+            text = s
+        default: return nil
+        }
+        guard let value = Int64(text) else { return nil }
+        return String(value)
+    }
+
+    /// Writes `string` as a JSON string literal (quotes included).
+    public static func writeString(_ string: String, into out: inout ByteBuffer) {
+        out.writeInteger(UInt8(ascii: "\""))
+        let utf8 = string.utf8
+        let fast = utf8.withContiguousStorageIfAvailable { raw -> Bool in
+            if !raw.contains(where: { $0 < 0x20 || $0 == UInt8(ascii: "\"") || $0 == UInt8(ascii: "\\") }) {
+                out.writeBytes(raw)
+                return true
+            }
+            return false
+        }
+        if fast != true {
+            for b in utf8 {
+                switch b {
+                case UInt8(ascii: "\""): out.writeStaticString("\\\"")
+                case UInt8(ascii: "\\"): out.writeStaticString("\\\\")
+                case 0x0A: out.writeStaticString("\\n")
+                case 0x0D: out.writeStaticString("\\r")
+                case 0x09: out.writeStaticString("\\t")
+                case 0..<0x20:
+                    out.writeStaticString("\\u00")
+                    let hex = Array("0123456789abcdef".utf8)
+                    out.writeInteger(hex[Int(b >> 4)])
+                    out.writeInteger(hex[Int(b & 0xF)])
+                default: out.writeInteger(b)
+                }
+            }
+        }
+        out.writeInteger(UInt8(ascii: "\""))
+    }
+}
+
+extension ByteBuffer {
+    /// Runs `body` over the readable bytes of the buffer.
+    @inlinable
+    public func withBytes<T>(_ body: (UnsafeRawBufferPointer) throws -> T) rethrows -> T {
+        try withUnsafeReadableBytes(body)
+    }
+
+    /// A slice of the readable bytes given as a range relative to `readerIndex`.
+    public func slice(_ range: Range<Int>) -> ByteBuffer {
+        getSlice(at: readerIndex + range.lowerBound, length: range.count)!
+    }
+}

@@ -1,0 +1,360 @@
+/// A validating single-pass JSON scanner over raw UTF-8 bytes.
+///
+/// It checks the full JSON grammar (RFC 8259), UTF-8 inside strings and a nesting limit, and reports
+/// where values start and end instead of building Swift objects. Numbers are never converted: callers
+/// read their literal text, so 64-bit ids survive byte for byte.
+public struct JSONError: Error, Equatable, CustomStringConvertible, Sendable {
+    public var offset: Int
+    public var message: String
+
+    public init(offset: Int, message: String) {
+        self.offset = offset
+        self.message = message
+    }
+
+    public var description: String { "\(message) at byte \(offset)" }
+}
+
+/// The kind of a JSON value, from its first byte.
+public enum JSONKind: Sendable, Equatable {
+    case object, array, string, number, bool, null
+}
+
+public struct JSONScanner {
+    public static let defaultMaxDepth = 64
+
+    @usableFromInline let bytes: UnsafeRawBufferPointer
+    @usableFromInline var index: Int
+    @usableFromInline let maxDepth: Int
+
+    public init(_ bytes: UnsafeRawBufferPointer, maxDepth: Int = JSONScanner.defaultMaxDepth) {
+        self.bytes = bytes
+        self.index = 0
+        self.maxDepth = maxDepth
+    }
+
+    public var position: Int { index }
+    public var atEnd: Bool { index >= bytes.count }
+
+    // MARK: Whole documents
+
+    /// Validates a complete document: one value, surrounded only by whitespace.
+    public mutating func validateDocument() throws(JSONError) {
+        skipWhitespace()
+        try skipValue(depth: 0)
+        try expectEnd()
+    }
+
+    public mutating func expectEnd() throws(JSONError) {
+        skipWhitespace()
+        if index < bytes.count { throw error("unexpected data after the JSON value") }
+    }
+
+    // MARK: Shallow reading
+
+    /// Reads a top-level object and calls `member` with each key and the byte range of its value.
+    /// Every value is validated, none is built.
+    public mutating func forEachMember(
+        _ member: (_ key: String, _ value: Range<Int>) throws -> Void
+    ) throws {
+        skipWhitespace()
+        guard peek() == UInt8(ascii: "{") else { throw error("expected a JSON object") }
+        index += 1
+        skipWhitespace()
+        if peek() == UInt8(ascii: "}") { index += 1; return }
+        while true {
+            skipWhitespace()
+            guard peek() == UInt8(ascii: "\"") else { throw error("expected a string key") }
+            let key = try readString()
+            skipWhitespace()
+            guard peek() == UInt8(ascii: ":") else { throw error("expected ':' after key") }
+            index += 1
+            skipWhitespace()
+            let start = index
+            try skipValue(depth: 1)
+            try member(key, start..<index)
+            skipWhitespace()
+            switch peek() {
+            case UInt8(ascii: ","): index += 1
+            case UInt8(ascii: "}"): index += 1; return
+            default: throw error("expected ',' or '}' in object")
+            }
+        }
+    }
+
+    /// Reads a top-level array and calls `element` with the byte range of each element.
+    public mutating func forEachElement(_ element: (_ value: Range<Int>) throws -> Void) throws {
+        skipWhitespace()
+        guard peek() == UInt8(ascii: "[") else { throw error("expected a JSON array") }
+        index += 1
+        skipWhitespace()
+        if peek() == UInt8(ascii: "]") { index += 1; return }
+        while true {
+            skipWhitespace()
+            let start = index
+            try skipValue(depth: 1)
+            try element(start..<index)
+            skipWhitespace()
+            switch peek() {
+            case UInt8(ascii: ","): index += 1
+            case UInt8(ascii: "]"): index += 1; return
+            default: throw error("expected ',' or ']' in array")
+            }
+        }
+    }
+
+    // MARK: Values
+
+    @inline(__always) func peek() -> UInt8? {
+        index < bytes.count ? bytes[index] : nil
+    }
+
+    @inline(__always) mutating func skipWhitespace() {
+        while index < bytes.count {
+            switch bytes[index] {
+            case 0x20, 0x0A, 0x0D, 0x09: index += 1
+            default: return
+            }
+        }
+    }
+
+    func error(_ message: String) -> JSONError {
+        JSONError(offset: index, message: message)
+    }
+
+    public mutating func skipValue(depth: Int) throws(JSONError) {
+        guard let byte = peek() else { throw error("unexpected end of input") }
+        switch byte {
+        case UInt8(ascii: "{"):
+            guard depth < maxDepth else { throw error("nesting deeper than \(maxDepth) levels") }
+            index += 1
+            skipWhitespace()
+            if peek() == UInt8(ascii: "}") { index += 1; return }
+            while true {
+                skipWhitespace()
+                guard peek() == UInt8(ascii: "\"") else { throw error("expected a string key") }
+                _ = try skipString()
+                skipWhitespace()
+                guard peek() == UInt8(ascii: ":") else { throw error("expected ':' after key") }
+                index += 1
+                skipWhitespace()
+                try skipValue(depth: depth + 1)
+                skipWhitespace()
+                switch peek() {
+                case UInt8(ascii: ","): index += 1
+                case UInt8(ascii: "}"): index += 1; return
+                case nil: throw error("unexpected end of input in object")
+                default: throw error("expected ',' or '}' in object")
+                }
+            }
+        case UInt8(ascii: "["):
+            guard depth < maxDepth else { throw error("nesting deeper than \(maxDepth) levels") }
+            index += 1
+            skipWhitespace()
+            if peek() == UInt8(ascii: "]") { index += 1; return }
+            while true {
+                skipWhitespace()
+                try skipValue(depth: depth + 1)
+                skipWhitespace()
+                switch peek() {
+                case UInt8(ascii: ","): index += 1
+                case UInt8(ascii: "]"): index += 1; return
+                case nil: throw error("unexpected end of input in array")
+                default: throw error("expected ',' or ']' in array")
+                }
+            }
+        case UInt8(ascii: "\""):
+            _ = try skipString()
+        case UInt8(ascii: "t"): try literal("true")
+        case UInt8(ascii: "f"): try literal("false")
+        case UInt8(ascii: "n"): try literal("null")
+        case UInt8(ascii: "-"), UInt8(ascii: "0")...UInt8(ascii: "9"):
+            try skipNumber()
+        default:
+            throw error("unexpected character '\(printable(byte))'")
+        }
+    }
+
+    mutating func literal(_ word: StaticString) throws(JSONError) {
+        let count = word.utf8CodeUnitCount
+        guard index + count <= bytes.count else { throw error("invalid literal") }
+        let w = word.utf8Start
+        for k in 0..<count where bytes[index + k] != w[k] {
+            throw error("invalid literal")
+        }
+        index += count
+    }
+
+    mutating func skipNumber() throws(JSONError) {
+        if peek() == UInt8(ascii: "-") { index += 1 }
+        guard let first = peek(), isDigit(first) else { throw error("invalid number") }
+        index += 1
+        if first != UInt8(ascii: "0") {
+            while let d = peek(), isDigit(d) { index += 1 }
+        }
+        if peek() == UInt8(ascii: ".") {
+            index += 1
+            guard let d = peek(), isDigit(d) else { throw error("invalid number: digit expected after '.'") }
+            while let d = peek(), isDigit(d) { index += 1 }
+        }
+        if let e = peek(), e == UInt8(ascii: "e") || e == UInt8(ascii: "E") {
+            index += 1
+            if let s = peek(), s == UInt8(ascii: "+") || s == UInt8(ascii: "-") { index += 1 }
+            guard let d = peek(), isDigit(d) else { throw error("invalid number: digit expected in exponent") }
+            while let d = peek(), isDigit(d) { index += 1 }
+        }
+        if let next = peek(), isDigit(next) { throw error("invalid number: leading zero") }
+    }
+
+    /// Skips a string, validating escapes and UTF-8. Returns true if the string contained escapes.
+    @discardableResult
+    mutating func skipString() throws(JSONError) -> Bool {
+        index += 1  // opening quote
+        var escaped = false
+        while index < bytes.count {
+            let b = bytes[index]
+            if b == UInt8(ascii: "\"") { index += 1; return escaped }
+            if b == UInt8(ascii: "\\") {
+                escaped = true
+                index += 1
+                guard let e = peek() else { break }
+                switch e {
+                case UInt8(ascii: "\""), UInt8(ascii: "\\"), UInt8(ascii: "/"), UInt8(ascii: "b"),
+                    UInt8(ascii: "f"), UInt8(ascii: "n"), UInt8(ascii: "r"), UInt8(ascii: "t"):
+                    index += 1
+                case UInt8(ascii: "u"):
+                    index += 1
+                    let unit = try hex4()
+                    if unit >= 0xD800 && unit < 0xDC00 {
+                        // A high surrogate must be followed by an escaped low surrogate.
+                        guard index + 1 < bytes.count, bytes[index] == UInt8(ascii: "\\"),
+                            bytes[index + 1] == UInt8(ascii: "u")
+                        else { throw error("unpaired UTF-16 surrogate in \\u escape") }
+                        index += 2
+                        let low = try hex4()
+                        guard low >= 0xDC00 && low < 0xE000 else {
+                            throw error("unpaired UTF-16 surrogate in \\u escape")
+                        }
+                    } else if unit >= 0xDC00 && unit < 0xE000 {
+                        throw error("unpaired UTF-16 surrogate in \\u escape")
+                    }
+                default:
+                    throw error("invalid escape '\\\(printable(e))' in string")
+                }
+            } else if b < 0x20 {
+                throw error("unescaped control character in string")
+            } else if b < 0x80 {
+                index += 1
+            } else {
+                try skipUTF8Sequence()
+            }
+        }
+        throw error("unterminated string")
+    }
+
+    mutating func hex4() throws(JSONError) -> UInt16 {
+        guard index + 4 <= bytes.count else { throw error("invalid \\u escape") }
+        var value: UInt16 = 0
+        for _ in 0..<4 {
+            let c = bytes[index]
+            let v: UInt8
+            switch c {
+            case UInt8(ascii: "0")...UInt8(ascii: "9"): v = c - UInt8(ascii: "0")
+            case UInt8(ascii: "a")...UInt8(ascii: "f"): v = c - UInt8(ascii: "a") + 10
+            case UInt8(ascii: "A")...UInt8(ascii: "F"): v = c - UInt8(ascii: "A") + 10
+            default: throw error("invalid \\u escape")
+            }
+            value = value << 4 | UInt16(v)
+            index += 1
+        }
+        return value
+    }
+
+    /// Validates one multi-byte UTF-8 sequence (no overlongs, no surrogates, ≤ U+10FFFF).
+    mutating func skipUTF8Sequence() throws(JSONError) {
+        let b0 = bytes[index]
+        let count: Int
+        var lower: UInt8 = 0x80
+        var upper: UInt8 = 0xBF
+        switch b0 {
+        case 0xC2...0xDF: count = 2
+        case 0xE0: count = 3; lower = 0xA0
+        case 0xE1...0xEC, 0xEE...0xEF: count = 3
+        case 0xED: count = 3; upper = 0x9F
+        case 0xF0: count = 4; lower = 0x90
+        case 0xF1...0xF3: count = 4
+        case 0xF4: count = 4; upper = 0x8F
+        default: throw error("invalid UTF-8")
+        }
+        guard index + count <= bytes.count else { throw error("invalid UTF-8") }
+        let b1 = bytes[index + 1]
+        guard b1 >= lower && b1 <= upper else { throw error("invalid UTF-8") }
+        for k in 2..<max(2, count) {
+            let b = bytes[index + k]
+            guard b >= 0x80 && b <= 0xBF else { throw error("invalid UTF-8") }
+        }
+        index += count
+    }
+
+    // MARK: Reading scalars
+
+    /// Reads a string value at the current position and decodes its escapes.
+    public mutating func readString() throws(JSONError) -> String {
+        let start = index
+        let escaped = try skipString()
+        let body = UnsafeRawBufferPointer(rebasing: bytes[(start + 1)..<(index - 1)])
+        if !escaped { return String(decoding: body, as: UTF8.self) }
+        return JSONScanner.unescape(body)
+    }
+
+    /// Decodes the escapes of an already validated string body (without quotes).
+    static func unescape(_ body: UnsafeRawBufferPointer) -> String {
+        var out = [UInt8]()
+        out.reserveCapacity(body.count)
+        var i = 0
+        func hex(_ at: Int) -> UInt32 {
+            var v: UInt32 = 0
+            for k in 0..<4 {
+                let c = body[at + k]
+                let d: UInt32
+                switch c {
+                case UInt8(ascii: "0")...UInt8(ascii: "9"): d = UInt32(c - UInt8(ascii: "0"))
+                case UInt8(ascii: "a")...UInt8(ascii: "f"): d = UInt32(c - UInt8(ascii: "a") + 10)
+                default: d = UInt32(c - UInt8(ascii: "A") + 10)
+                }
+                v = v << 4 | d
+            }
+            return v
+        }
+        while i < body.count {
+            let b = body[i]
+            guard b == UInt8(ascii: "\\") else { out.append(b); i += 1; continue }
+            let e = body[i + 1]
+            i += 2
+            switch e {
+            case UInt8(ascii: "b"): out.append(0x08)
+            case UInt8(ascii: "f"): out.append(0x0C)
+            case UInt8(ascii: "n"): out.append(0x0A)
+            case UInt8(ascii: "r"): out.append(0x0D)
+            case UInt8(ascii: "t"): out.append(0x09)
+            case UInt8(ascii: "u"):
+                var scalar = hex(i)
+                i += 4
+                if scalar >= 0xD800 && scalar < 0xDC00 {
+                    let low = hex(i + 2)
+                    i += 6
+                    scalar = 0x10000 + ((scalar - 0xD800) << 10) + (low - 0xDC00)
+                }
+                out.append(contentsOf: Array(String(Character(Unicode.Scalar(scalar)!)).utf8))
+            default: out.append(e)
+            }
+        }
+        return String(decoding: out, as: UTF8.self)
+    }
+
+    func isDigit(_ b: UInt8) -> Bool { b >= UInt8(ascii: "0") && b <= UInt8(ascii: "9") }
+
+    func printable(_ b: UInt8) -> String {
+        b >= 0x20 && b < 0x7F ? String(UnicodeScalar(b)) : "\\x" + String(b, radix: 16)
+    }
+}

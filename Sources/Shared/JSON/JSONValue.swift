@@ -1,0 +1,130 @@
+import NIOCore
+
+/// A JSON value for the places that edit a document. Objects keep their member order and numbers
+/// keep their literal text, so parse → write reproduces ids exactly.
+public indirect enum JSONValue: Equatable, Sendable {
+    case null
+    case bool(Bool)
+    /// The number's literal text, exactly as it appeared (or as written by the caller).
+    case number(String)
+    case string(String)
+    case array([JSONValue])
+    case object([Member])
+
+    public struct Member: Equatable, Sendable {
+        public var key: String
+        public var value: JSONValue
+        public init(_ key: String, _ value: JSONValue) {
+            self.key = key
+            self.value = value
+        }
+    }
+
+    // MARK: Parsing
+
+    public static func parse(_ bytes: UnsafeRawBufferPointer, maxDepth: Int = JSONScanner.defaultMaxDepth)
+        throws(JSONError) -> JSONValue
+    {
+        try JSON.validate(bytes, maxDepth: maxDepth)
+        var start = 0
+        var end = bytes.count
+        while start < end, isSpace(bytes[start]) { start += 1 }
+        while end > start, isSpace(bytes[end - 1]) { end -= 1 }
+        return build(UnsafeRawBufferPointer(rebasing: bytes[start..<end]))
+    }
+
+    public static func parse(_ buffer: ByteBuffer, maxDepth: Int = JSONScanner.defaultMaxDepth) throws(JSONError)
+        -> JSONValue
+    {
+        let result: Result<JSONValue, JSONError> = buffer.withUnsafeReadableBytes { raw in
+            do throws(JSONError) { return .success(try parse(raw, maxDepth: maxDepth)) } catch { return .failure(error) }
+        }
+        return try result.get()
+    }
+
+    public static func parse(_ text: String) throws(JSONError) -> JSONValue {
+        try parse(ByteBuffer(string: text))
+    }
+
+    private static func isSpace(_ b: UInt8) -> Bool { b == 0x20 || b == 0x0A || b == 0x0D || b == 0x09 }
+
+    /// Builds a value from validated bytes with no surrounding whitespace.
+    private static func build(_ bytes: UnsafeRawBufferPointer) -> JSONValue {
+        switch JSON.kind(bytes) {
+        case .null: return .null
+        case .bool: return .bool(bytes.first == UInt8(ascii: "t"))
+        case .number: return .number(String(decoding: bytes, as: UTF8.self))
+        case .string: return .string(JSON.string(bytes) ?? "")
+        case .array:
+            let ranges = (try? JSON.elements(bytes, maxDepth: .max)) ?? []
+            return .array(ranges.map { build(UnsafeRawBufferPointer(rebasing: bytes[$0])) })
+        case .object:
+            let members = (try? JSON.members(bytes, maxDepth: .max)) ?? []
+            return .object(members.map { Member($0.key, build(UnsafeRawBufferPointer(rebasing: bytes[$0.range]))) })
+        }
+    }
+
+    // MARK: Reading and editing fields
+
+    public subscript(key: String) -> JSONValue? {
+        get {
+            guard case .object(let members) = self else { return nil }
+            return members.first(where: { $0.key == key })?.value
+        }
+        set {
+            guard case .object(var members) = self else { return }
+            if let i = members.firstIndex(where: { $0.key == key }) {
+                if let newValue { members[i].value = newValue } else { members.removeAll { $0.key == key } }
+            } else if let newValue {
+                members.append(Member(key, newValue))
+            }
+            self = .object(members)
+        }
+    }
+
+    public var stringValue: String? {
+        if case .string(let s) = self { return s }
+        return nil
+    }
+
+    public var arrayValue: [JSONValue]? {
+        if case .array(let a) = self { return a }
+        return nil
+    }
+
+    // MARK: Writing
+
+    public func write(into out: inout ByteBuffer) {
+        switch self {
+        case .null: out.writeStaticString("null")
+        case .bool(let b):
+            if b { out.writeStaticString("true") } else { out.writeStaticString("false") }
+        case .number(let text): out.writeString(text)
+        case .string(let s): JSON.writeString(s, into: &out)
+        case .array(let items):
+            out.writeInteger(UInt8(ascii: "["))
+            for (i, item) in items.enumerated() {
+                if i > 0 { out.writeInteger(UInt8(ascii: ",")) }
+                item.write(into: &out)
+            }
+            out.writeInteger(UInt8(ascii: "]"))
+        case .object(let members):
+            out.writeInteger(UInt8(ascii: "{"))
+            for (i, m) in members.enumerated() {
+                if i > 0 { out.writeInteger(UInt8(ascii: ",")) }
+                JSON.writeString(m.key, into: &out)
+                out.writeInteger(UInt8(ascii: ":"))
+                m.value.write(into: &out)
+            }
+            out.writeInteger(UInt8(ascii: "}"))
+        }
+    }
+
+    public var jsonBytes: ByteBuffer {
+        var out = ByteBuffer()
+        write(into: &out)
+        return out
+    }
+
+    public var jsonString: String { String(buffer: jsonBytes) }
+}

@@ -1,0 +1,51 @@
+import NIOCore
+
+/// How the router tells an output process what a destination is: a `destination` frame whose id is
+/// the destination's key and whose payload is this JSON. The key changes whenever the settings do,
+/// so a batch always goes out with the settings it was routed under.
+extension KafkaDestination {
+    public var wireJSON: JSONValue {
+        var members: [JSONValue.Member] = [
+            .init("kind", .string("kafka")),
+            .init("bootstrap_servers", .string(bootstrapServers)),
+            .init("topic", .string(topic)),
+            .init("sasl_mechanism", .string(saslMechanism.rawValue)),
+            .init("plaintext", .bool(plaintext)),
+        ]
+        func add(_ key: String, _ value: String?) { if let value { members.append(.init(key, .string(value))) } }
+        add("username", username)
+        add("password", password?.value)
+        add("ssl_private_key", sslKeyPEM?.value)
+        add("ssl_certificate", sslCertificatePEM)
+        add("ssl_ca_certificate", sslCAPEM)
+        return .object(members)
+    }
+
+    public init(wireJSON json: JSONValue) throws(FrameError) {
+        guard json["kind"]?.stringValue == "kafka", let bootstrap = json["bootstrap_servers"]?.stringValue,
+            let topic = json["topic"]?.stringValue,
+            let mechanism = KafkaDestination.SASLMechanism(rawValue: json["sasl_mechanism"]?.stringValue ?? "PLAIN")
+        else { throw .invalidFrame("destination payload is not a Kafka destination") }
+        self.init(
+            bootstrapServers: bootstrap, topic: topic, username: json["username"]?.stringValue,
+            password: json["password"]?.stringValue.map(Secret.init), saslMechanism: mechanism,
+            sslKeyPEM: json["ssl_private_key"]?.stringValue.map(Secret.init),
+            sslCertificatePEM: json["ssl_certificate"]?.stringValue, sslCAPEM: json["ssl_ca_certificate"]?.stringValue,
+            plaintext: json["plaintext"] == .bool(true))
+    }
+}
+
+extension Destination {
+    public var wireJSON: JSONValue {
+        switch kind {
+        case .kafka(let k): return k.wireJSON
+        }
+    }
+
+    /// `tenant/name#generation`: names the destination and the settings it had when routed. The
+    /// router bumps the generation whenever a reload changes the destination's settings, so a batch
+    /// always goes out with the settings it was routed under. (No hash of the settings: they hold secrets.)
+    public func wireKey(tenant: String, generation: Int) -> String {
+        "\(tenant)/\(name)#\(generation)"
+    }
+}

@@ -1,0 +1,44 @@
+import Hummingbird
+import NIOCore
+import Shared
+
+/// An error answer in mParticle's shape: `{"errors":[{"code":"…","message":"…"}]}`.
+struct APIError: Error {
+    var status: HTTPResponse.Status
+    var code: String
+    var message: String
+    var retryAfterSeconds: Int?
+
+    static func badRequest(_ message: String) -> APIError { APIError(status: .badRequest, code: "BAD_REQUEST", message: message) }
+
+    static let missingCredentials = APIError(
+        status: .unauthorized, code: "UNAUTHORIZED",
+        message: "authentication is missing: send HTTP Basic auth with your API key and secret")
+    static let malformedCredentials = APIError(
+        status: .unauthorized, code: "UNAUTHORIZED",
+        message: "the Authorization header is not HTTP Basic auth with base64(api_key:api_secret)")
+    static let invalidCredentials = APIError(
+        status: .forbidden, code: "FORBIDDEN", message: "the API key and secret are not valid")
+    static func tooLarge(_ message: String) -> APIError {
+        APIError(status: .contentTooLarge, code: "PAYLOAD_TOO_LARGE", message: message)
+    }
+    static func unsupportedMediaType(_ message: String) -> APIError {
+        APIError(status: .unsupportedMediaType, code: "UNSUPPORTED_MEDIA_TYPE", message: message)
+    }
+    static func unavailable(_ message: String) -> APIError {
+        APIError(status: .serviceUnavailable, code: "SERVICE_UNAVAILABLE", message: message, retryAfterSeconds: 1)
+    }
+    static func internalError(_ message: String) -> APIError {
+        APIError(status: .internalServerError, code: "INTERNAL_ERROR", message: message)
+    }
+
+    var response: Response {
+        var body = ByteBuffer()
+        JSONValue.object([
+            .init("errors", .array([.object([.init("code", .string(code)), .init("message", .string(message))])]))
+        ]).write(into: &body)
+        var headers: HTTPFields = [.contentType: "application/json"]
+        if let retryAfterSeconds { headers[.retryAfter] = String(retryAfterSeconds) }
+        return Response(status: status, headers: headers, body: .init(byteBuffer: body))
+    }
+}

@@ -1,0 +1,93 @@
+import CompressNIO
+import Hummingbird
+import Logging
+import NIOCore
+import Shared
+
+/// Builds ingest's HTTP application. `IngestCommand` runs it; tests drive the same one.
+func buildApplication(config: SluiceConfig, sink: some BatchSink, logger: Logger) -> some ApplicationProtocol {
+    let router = Router()
+    let api = IngestAPI(
+        authenticator: Authenticator(tenants: config.tenants), settings: config.ingest, sink: sink, logger: logger)
+    router.post("/v2/events") { request, _ in await api.handle(request, bulk: false) }
+    router.post("/v2/bulkevents") { request, _ in await api.handle(request, bulk: true) }
+    router.get("/healthz") { _, _ in Response(status: .ok, headers: [.contentType: "text/plain"], body: .init(byteBuffer: ByteBuffer(string: "ok\n"))) }
+    router.get("/readyz") { _, _ in
+        sink.isReady
+            ? Response(status: .ok, headers: [.contentType: "text/plain"], body: .init(byteBuffer: ByteBuffer(string: "ready\n")))
+            : APIError.unavailable("not ready: the router is not connected").response
+    }
+    return Application(
+        router: router,
+        configuration: .init(address: .hostname(config.ingest.host, port: config.ingest.port), serverName: "sluice-ingest"),
+        logger: logger)
+}
+
+/// The Events API handlers: authenticate, read the body (gzip allowed), validate, hand on, answer.
+struct IngestAPI<Sink: BatchSink>: Sendable {
+    let authenticator: Authenticator
+    let settings: IngestSettings
+    let sink: Sink
+    let logger: Logger
+
+    func handle(_ request: Request, bulk: Bool) async -> Response {
+        do {
+            let tenant = try authenticator.tenant(authorization: request.headers[.authorization])
+            let body = try await readBody(request)
+            let validator = BatchValidator(maxBatchBytes: settings.maxBatchBytes)
+            let batches: [ValidatedBatch]
+            do {
+                batches = bulk
+                    ? try validator.validateBulk(body, maxBatches: settings.maxBatchesPerRequest)
+                    : [try validator.validate(body)]
+            } catch {
+                let tooLarge = error.message.contains("the limit is")
+                throw tooLarge ? APIError.tooLarge(error.message) : APIError.badRequest(error.message)
+            }
+            switch await sink.submit(tenant: tenant, batches: batches) {
+            case .accepted:
+                return Response(status: .accepted)
+            case .unavailable(let why):
+                logger.warning("batch not accepted, client will retry", metadata: ["tenant.id": "\(tenant)", "reason": "\(why)"])
+                throw APIError.unavailable("cannot accept batches right now: \(why)")
+            case .rejected(let why):
+                logger.error("batch refused by the router", metadata: ["tenant.id": "\(tenant)", "reason": "\(why)"])
+                throw APIError.internalError("the batch could not be routed: \(why)")
+            }
+        } catch let error as APIError {
+            return error.response
+        } catch {
+            return APIError.internalError("unexpected error").response
+        }
+    }
+
+    private func readBody(_ request: Request) async throws -> ByteBuffer {
+        if let type = request.headers[.contentType] {
+            let mediaType = type.split(separator: ";").first.map { $0.trimmingCharacters(in: .whitespaces).lowercased() } ?? ""
+            guard mediaType == "application/json" || mediaType.hasSuffix("+json") else {
+                throw APIError.unsupportedMediaType("Content-Type must be application/json, not \(mediaType)")
+            }
+        }
+        let limit = settings.maxRequestBytes
+        var body: ByteBuffer
+        do {
+            body = try await request.body.collect(upTo: limit)
+        } catch {
+            throw APIError.tooLarge("the request body exceeds \(limit) bytes")
+        }
+        switch request.headers[.contentEncoding]?.lowercased().trimmingCharacters(in: .whitespaces) {
+        case nil, "", "identity":
+            return body
+        case "gzip", "x-gzip":
+            do {
+                return try body.decompress(with: .gzip(), maxSize: limit)
+            } catch let error as CompressNIOError where error == .bufferOverflow {
+                throw APIError.tooLarge("the decompressed request body exceeds \(limit) bytes")
+            } catch {
+                throw APIError.badRequest("the request body is not valid gzip")
+            }
+        case let other?:
+            throw APIError.unsupportedMediaType("Content-Encoding '\(other)' is not supported (use gzip or none)")
+        }
+    }
+}

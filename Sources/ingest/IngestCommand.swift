@@ -1,0 +1,46 @@
+import ArgumentParser
+import Foundation
+import Hummingbird
+import Logging
+import ServiceLifecycle
+import Shared
+
+@main
+struct IngestCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "ingest",
+        abstract: "HTTP front door: accepts mParticle event batches (POST /v2/events, /v2/bulkevents).")
+
+    @OptionGroup var options: CommonOptions
+
+    @Option(help: "Listen address HOST:PORT (overrides ingest.listen in the config).")
+    var listen: String?
+
+    func run() async throws {
+        let logger = try options.start(process: "ingest")
+        var config: SluiceConfig
+        do {
+            config = try SluiceConfig.load(path: options.config)
+        } catch {
+            logger.critical("invalid configuration", metadata: ["error": "\(error)"])
+            throw ExitCode(78)
+        }
+        if let listen {
+            guard let colon = listen.lastIndex(of: ":"), let port = Int(listen[listen.index(after: colon)...]) else {
+                throw ValidationError("--listen must be HOST:PORT")
+            }
+            config.ingest.host = String(listen[..<colon])
+            config.ingest.port = port
+        }
+        let link = RouterLink(timeout: .milliseconds(config.ingest.routerTimeoutMilliseconds), logger: logger)
+        let client = FrameClient(
+            path: options.routerSocketPath, role: .ingest, instance: "ingest-\(ProcessInfo.processInfo.processIdentifier)",
+            handler: link, logger: logger)
+        let app = buildApplication(config: config, sink: link, logger: logger)
+        let group = ServiceGroup(
+            configuration: .init(
+                services: [.init(service: client), .init(service: app)],
+                gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+        try await group.run()
+    }
+}

@@ -1,0 +1,42 @@
+import ArgumentParser
+import Foundation
+import KafkaClient
+import Logging
+import ServiceLifecycle
+import Shared
+
+@main
+struct KafkaOutCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "kafka-out",
+        abstract: "Publishes routed batches to tenants' Kafka topics.",
+        subcommands: [Run.self, DevCluster.self],
+        defaultSubcommand: Run.self)
+}
+
+struct Run: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Serve the router: publish batches to Kafka (default).")
+
+    @OptionGroup var options: CommonOptions
+
+    @Option(help: "Instance name announced to the router (default: kafka-out-<pid>).")
+    var instance: String?
+
+    @Option(help: "File holding the dev cluster's bootstrap servers (default: <run-dir>/dev-cluster.bootstrap).")
+    var devBootstrapFile: String?
+
+    func run() async throws {
+        let logger = try options.start(process: "kafka-out")
+        let devFile = devBootstrapFile ?? DevCluster.defaultBootstrapFile(runDir: options.runDir)
+        let publisher = KafkaPublisher(devBootstrapFile: devFile, logger: logger)
+        let client = FrameClient(
+            path: options.routerSocketPath, role: .kafkaOut,
+            instance: instance ?? "kafka-out-\(ProcessInfo.processInfo.processIdentifier)",
+            handler: publisher, logger: logger)
+        let group = ServiceGroup(
+            configuration: .init(
+                services: [.init(service: client), .init(service: publisher)],
+                gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+        try await group.run()
+    }
+}

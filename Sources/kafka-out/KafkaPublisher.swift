@@ -1,0 +1,175 @@
+import Foundation
+import KafkaClient
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import ServiceLifecycle
+import Shared
+
+/// Serves the router's connection: keeps the destinations it is told about, publishes each batch
+/// through a producer shared by every destination of the same cluster and credentials, and answers
+/// `ack` only when Kafka confirmed the message (`nack` with the reason otherwise).
+final class KafkaPublisher: FrameConnectionHandler, Service {
+    private struct InFlight {
+        var peer: FramePeer
+        var routerID: UInt64
+    }
+
+    private struct State {
+        var destinations: [String: KafkaDestination] = [:]
+        var producers: [ProducerConfiguration: KafkaProducer] = [:]
+        var inFlight: [UInt64: InFlight] = [:]
+        var nextID: UInt64 = 1
+    }
+
+    private let state = NIOLockedValueBox(State())
+    private let devBootstrapFile: String
+    private let logger: Logger
+
+    init(devBootstrapFile: String, logger: Logger) {
+        self.devBootstrapFile = devBootstrapFile
+        self.logger = logger
+    }
+
+    // MARK: Service: flush on shutdown
+
+    func run() async throws {
+        try? await gracefulShutdown()
+        let producers = state.withLockedValue { Array($0.producers.values) }
+        // Blocking flushes run off the cooperative pool.
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+            Thread.detachNewThread {
+                for p in producers { p.flush(timeout: .seconds(10)) }
+                c.resume()
+            }
+        }
+        logger.info("kafka-out stopped")
+    }
+
+    // MARK: Frames
+
+    func received(_ frame: Frame, from peer: FramePeer) async throws {
+        switch frame.type {
+        case .destination:
+            guard let key = frame.destination, let payload = frame.payload else {
+                throw FrameError.invalidFrame("destination frame without key or payload")
+            }
+            let spec = try KafkaDestination(wireJSON: try JSONValue.parse(payload))
+            state.withLockedValue { $0.destinations[key] = spec }
+        case .batch:
+            try await publish(frame, peer: peer)
+        case .error:
+            logger.warning("router reported an error", metadata: ["error.code": "\(frame.code ?? "")", "error": "\(frame.message ?? "")"])
+        case .hello, .ack, .nack:
+            throw FrameError.invalidFrame("unexpected \(frame.type.rawValue) frame")
+        }
+    }
+
+    func disconnected(_ peer: FramePeer) async {
+        // The router re-sends what it had not seen confirmed; late reports for this connection are dropped.
+        state.withLockedValue { s in
+            s.inFlight = s.inFlight.filter { $0.value.peer != peer }
+        }
+    }
+
+    private func publish(_ frame: Frame, peer: FramePeer) async throws {
+        guard let destinationKey = frame.destination, let payload = frame.payload else {
+            throw FrameError.invalidFrame("batch frame without destination or payload")
+        }
+        guard let destination = state.withLockedValue({ $0.destinations[destinationKey] }) else {
+            peer.send(.nack(frame.id, reason: "unknown destination \(destinationKey)", retryable: true))
+            return
+        }
+        let producer: KafkaProducer
+        do {
+            producer = try self.producer(for: destination)
+        } catch {
+            peer.send(.nack(frame.id, reason: error.description, retryable: error.isRetriable))
+            return
+        }
+        let id = state.withLockedValue { s in
+            let id = s.nextID
+            s.nextID += 1
+            s.inFlight[id] = InFlight(peer: peer, routerID: frame.id)
+            return id
+        }
+        while true {
+            let failure: KafkaError? = payload.withUnsafeReadableBytes { value in
+                func send(_ key: UnsafeRawBufferPointer?) -> KafkaError? {
+                    do throws(KafkaError) {
+                        try producer.produce(topic: destination.topic, key: key, value: value, id: id)
+                        return nil
+                    } catch { return error }
+                }
+                guard var key = frame.key else { return send(nil) }
+                return key.withUTF8 { send(UnsafeRawBufferPointer($0)) }
+            }
+            guard let failure else { return }
+            if failure.name == "_QUEUE_FULL" {
+                // Backpressure: stop reading from the router until librdkafka has room.
+                try await Task.sleep(for: .milliseconds(2))
+                continue
+            }
+            state.withLockedValue { _ = $0.inFlight.removeValue(forKey: id) }
+            peer.send(.nack(frame.id, reason: failure.description, retryable: failure.isRetriable))
+            return
+        }
+    }
+
+    private func producer(for destination: KafkaDestination) throws(KafkaError) -> KafkaProducer {
+        let configuration = try producerConfiguration(for: destination)
+        let existing: KafkaProducer? = state.withLockedValue { s in
+            if let p = s.producers[configuration], p.fatalError == nil { return p }
+            return nil
+        }
+        if let existing { return existing }
+        let producer = try KafkaProducer(configuration: configuration, logger: logger) { [weak self] reports in
+            self?.delivered(reports)
+        }
+        logger.info(
+            "kafka producer created",
+            metadata: [
+                "kafka.bootstrap": "\(configuration.bootstrapServers)",
+                "kafka.security_protocol": "\(configuration.securityProtocol.rawValue)",
+                "kafka.sasl_mechanism": "\(configuration.sasl?.mechanism.rawValue ?? "-")",
+            ])
+        return state.withLockedValue { s in
+            if let p = s.producers[configuration], p.fatalError == nil { return p }
+            s.producers[configuration] = producer
+            return producer
+        }
+    }
+
+    func producerConfiguration(for d: KafkaDestination) throws(KafkaError) -> ProducerConfiguration {
+        var bootstrap = d.bootstrapServers
+        if d.usesDevCluster {
+            guard let data = FileManager.default.contents(atPath: devBootstrapFile),
+                case let text = String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines),
+                !text.isEmpty
+            else {
+                throw KafkaError(
+                    code: -1, name: "_DEV_CLUSTER_DOWN",
+                    message: "the dev cluster is not running (no bootstrap file at \(devBootstrapFile))", isRetriable: true)
+            }
+            bootstrap = text
+        }
+        return ProducerConfiguration(destination: d, bootstrapServers: bootstrap)
+    }
+
+    private func delivered(_ reports: [DeliveryReport]) {
+        let outcomes: [(InFlight, DeliveryReport)] = state.withLockedValue { s in
+            reports.compactMap { r in s.inFlight.removeValue(forKey: r.id).map { ($0, r) } }
+        }
+        var byPeer: [FramePeer: [Frame]] = [:]
+        for (flight, report) in outcomes {
+            let frame: Frame
+            if let error = report.error {
+                frame = .nack(flight.routerID, reason: error.description, retryable: error.isRetriable)
+            } else {
+                frame = .ack(flight.routerID)
+            }
+            byPeer[flight.peer, default: []].append(frame)
+        }
+        for (peer, frames) in byPeer { peer.send(contentsOf: frames) }
+    }
+}

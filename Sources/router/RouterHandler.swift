@@ -1,0 +1,44 @@
+import Logging
+import Shared
+
+/// Dispatches the frames of every connection (ingest and outputs) to the router core.
+struct RouterHandler: FrameConnectionHandler {
+    let core: RouterCore
+
+    func received(_ frame: Frame, from peer: FramePeer) async throws {
+        switch frame.type {
+        case .hello:
+            guard frame.version == frameProtocolVersion else {
+                peer.send(.error(code: "VERSION_MISMATCH", message: "this router speaks protocol version \(frameProtocolVersion)"))
+                peer.close()
+                return
+            }
+            guard let name = frame.role, let role = PeerRole(rawValue: name) else {
+                peer.send(.error(code: "UNKNOWN_ROLE", message: "unknown role '\(frame.role ?? "")'"))
+                peer.close()
+                return
+            }
+            peer.identify(role: role, instance: frame.instance ?? "")
+            await core.register(peer)
+        case .batch:
+            guard peer.role == .ingest else { throw ProtocolViolation("only ingest sends batches to the router") }
+            await core.accept(frame, from: peer)
+        case .ack, .nack:
+            guard let role = peer.role, role != .ingest else { throw ProtocolViolation("unexpected \(frame.type.rawValue)") }
+            await core.outcome(frame, from: peer)
+        case .error:
+            core.logger.warning("peer reported an error", metadata: ["error.code": "\(frame.code ?? "")", "error": "\(frame.message ?? "")"])
+        case .destination:
+            throw ProtocolViolation("unexpected destination frame")
+        }
+    }
+
+    func disconnected(_ peer: FramePeer) async {
+        await core.unregister(peer)
+    }
+}
+
+struct ProtocolViolation: Error, CustomStringConvertible {
+    var description: String
+    init(_ d: String) { description = d }
+}
