@@ -57,8 +57,19 @@ let package = Package(
         .executableTarget(name: "kafka-out", dependencies: ["Shared", "KafkaClient"]),
         .executableTarget(name: "keen-out", dependencies: ["Shared", "CCurl"]),
 
-        .testTarget(name: "SharedTests", dependencies: ["Shared"]),
-        .testTarget(name: "KafkaClientTests", dependencies: ["KafkaClient", "Shared", "kafka-out"]),
+        .testTarget(
+            name: "SharedTests",
+            dependencies: [
+                "Shared",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "NIOTestUtils", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // Helpers for tests: spawning executables, kcat, temporary run directories.
+        .target(name: "TestSupport", dependencies: ["Shared"], path: "Tests/TestSupport"),
+        .testTarget(name: "KafkaClientTests", dependencies: ["KafkaClient", "Shared", "kafka-out", "TestSupport"]),
         .testTarget(
             name: "IngestTests",
             dependencies: [
@@ -69,7 +80,7 @@ let package = Package(
         ),
         .testTarget(
             name: "SystemTests",
-            dependencies: ["Shared", "ingest", "router", "kafka-out", "keen-out"]
+            dependencies: ["Shared", "TestSupport", "ingest", "router", "kafka-out", "keen-out"]
         ),
     ]
 )

@@ -15,14 +15,9 @@ public struct DeliveryReport: Sendable {
 /// the id carried in the message's opaque pointer.
 public final class KafkaProducer: @unchecked Sendable {
     private let handle: OpaquePointer
-    private let queue: OpaquePointer
+    private let events: EventQueue
     private let lock = NSLock()
     private var topics: [String: OpaquePointer] = [:]
-    private var stopping = false
-    private var fatal: KafkaError?
-    private let stopped = DispatchSemaphore(value: 0)
-    private let onDelivery: @Sendable ([DeliveryReport]) -> Void
-    private let logger: Logger
     public let configuration: ProducerConfiguration
 
     public init(
@@ -30,8 +25,6 @@ public final class KafkaProducer: @unchecked Sendable {
         onDelivery: @escaping @Sendable ([DeliveryReport]) -> Void
     ) throws(KafkaError) {
         self.configuration = configuration
-        self.logger = logger
-        self.onDelivery = onDelivery
         let conf = rd_kafka_conf_new()!
         var errstr = [CChar](repeating: 0, count: 512)
         for (key, value) in configuration.properties {
@@ -48,23 +41,21 @@ public final class KafkaProducer: @unchecked Sendable {
             throw .configuration("cannot create a Kafka producer: \(errorText(errstr))")
         }
         handle = rk
-        queue = rd_kafka_queue_get_main(rk)
+        let queue = rd_kafka_queue_get_main(rk)!
         rd_kafka_set_log_queue(rk, queue)
-        let thread = Thread { [unowned self] in self.pollLoop() }
-        thread.name = "kafka-poll"
-        thread.start()
+        events = EventQueue(queue: queue, logger: logger, onDelivery: onDelivery)
+        events.start()
     }
 
     deinit {
-        lock.withLock { stopping = true }
-        stopped.wait()
+        events.stop()
         for (_, rkt) in topics { rd_kafka_topic_destroy(rkt) }
-        rd_kafka_queue_destroy(queue)
+        rd_kafka_queue_destroy(events.queue)
         rd_kafka_destroy(handle)
     }
 
     /// A fatal error (e.g. the idempotent producer lost its state): this producer can send no more.
-    public var fatalError: KafkaError? { lock.withLock { fatal } }
+    public var fatalError: KafkaError? { events.fatalError }
 
     /// Messages handed to librdkafka and not yet reported.
     public var outstanding: Int { Int(rd_kafka_outq_len(handle)) }
@@ -128,8 +119,40 @@ public final class KafkaProducer: @unchecked Sendable {
         topics[name] = t
         return t
     }
+}
 
-    private func pollLoop() {
+/// Serves a producer's librdkafka event queue on a thread of its own. It holds no reference to the
+/// producer, so the producer can stop it from its deinit.
+final class EventQueue: @unchecked Sendable {
+    let queue: OpaquePointer
+    private let logger: Logger
+    private let onDelivery: @Sendable ([DeliveryReport]) -> Void
+    private let lock = NSLock()
+    private var stopping = false
+    private var fatal: KafkaError?
+    private let stopped = DispatchSemaphore(value: 0)
+
+    init(queue: OpaquePointer, logger: Logger, onDelivery: @escaping @Sendable ([DeliveryReport]) -> Void) {
+        self.queue = queue
+        self.logger = logger
+        self.onDelivery = onDelivery
+    }
+
+    var fatalError: KafkaError? { lock.withLock { fatal } }
+
+    func start() {
+        let thread = Thread { self.run() }
+        thread.name = "kafka-events"
+        thread.start()
+    }
+
+    /// Stops the thread and waits until it has.
+    func stop() {
+        lock.withLock { stopping = true }
+        stopped.wait()
+    }
+
+    private func run() {
         var reports: [DeliveryReport] = []
         while !lock.withLock({ stopping }) {
             guard let event = rd_kafka_queue_poll(queue, 100) else { continue }

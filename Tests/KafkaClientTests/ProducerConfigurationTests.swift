@@ -1,0 +1,89 @@
+import KafkaClient
+import Shared
+import XCTest
+
+@testable import kafka_out
+
+/// Seed 000, "Authentication": the mapping from a destination's settings to librdkafka's properties.
+final class ProducerConfigurationTests: XCTestCase {
+    func properties(_ d: KafkaDestination) -> [String: String] {
+        let config = ProducerConfiguration(destination: d, bootstrapServers: "b1:9093,b2:9093")
+        var out: [String: String] = [:]
+        for (k, v) in config.properties {
+            XCTAssertNil(out[k], "\(k) is set twice")
+            out[k] = v
+        }
+        return out
+    }
+
+    func testAlwaysDurable() {
+        let p = properties(KafkaDestination(bootstrapServers: "x:1", topic: "t"))
+        XCTAssertEqual(p["acks"], "all")
+        XCTAssertEqual(p["enable.idempotence"], "true")
+        XCTAssertEqual(p["bootstrap.servers"], "b1:9093,b2:9093")
+        XCTAssertEqual(p["log.queue"], "true")
+        XCTAssertEqual(p["message.timeout.ms"], "300000")
+    }
+
+    func testNoUsernameMeansSSL() {
+        let p = properties(KafkaDestination(bootstrapServers: "x:1", topic: "t"))
+        XCTAssertEqual(p["security.protocol"], "ssl")
+        XCTAssertEqual(p["ssl.endpoint.identification.algorithm"], "https", "broker hostname must match its certificate")
+        XCTAssertNil(p["sasl.mechanisms"])
+        XCTAssertNil(p["sasl.username"])
+        XCTAssertNil(p["ssl.ca.pem"], "no CA setting: the system trust store")
+    }
+
+    func testUsernameMeansSASLSSLWithEachMechanism() {
+        for (mechanism, name) in [
+            (KafkaDestination.SASLMechanism.plain, "PLAIN"), (.scramSHA256, "SCRAM-SHA-256"), (.scramSHA512, "SCRAM-SHA-512"),
+        ] {
+            let p = properties(
+                KafkaDestination(bootstrapServers: "x:1", topic: "t", username: "u", password: Secret("pw"), saslMechanism: mechanism))
+            XCTAssertEqual(p["security.protocol"], "sasl_ssl")
+            XCTAssertEqual(p["sasl.mechanisms"], name)
+            XCTAssertEqual(p["sasl.username"], "u")
+            XCTAssertEqual(p["sasl.password"], "pw")
+            XCTAssertEqual(p["ssl.endpoint.identification.algorithm"], "https")
+        }
+    }
+
+    func testPEMsAreHandedOverAsStrings() {
+        let p = properties(
+            KafkaDestination(
+                bootstrapServers: "x:1", topic: "t", sslKeyPEM: Secret("-----BEGIN PRIVATE KEY-----k"),
+                sslCertificatePEM: "-----BEGIN CERTIFICATE-----c", sslCAPEM: "-----BEGIN CERTIFICATE-----ca"))
+        XCTAssertEqual(p["ssl.key.pem"], "-----BEGIN PRIVATE KEY-----k")
+        XCTAssertEqual(p["ssl.certificate.pem"], "-----BEGIN CERTIFICATE-----c")
+        XCTAssertEqual(p["ssl.ca.pem"], "-----BEGIN CERTIFICATE-----ca")
+    }
+
+    func testPlaintextOnlyWhenExplicit() {
+        let p = properties(KafkaDestination(bootstrapServers: "dev", topic: "t", plaintext: true))
+        XCTAssertEqual(p["security.protocol"], "plaintext")
+        XCTAssertNil(p["ssl.endpoint.identification.algorithm"])
+    }
+
+    func testLibrdkafkaAcceptsEveryCombination() throws {
+        // librdkafka itself validates the property set when a producer is created.
+        for d in [
+            KafkaDestination(bootstrapServers: "x:1", topic: "t"),
+            KafkaDestination(bootstrapServers: "x:1", topic: "t", username: "u", password: Secret("p"), saslMechanism: .scramSHA512),
+            KafkaDestination(bootstrapServers: "x:1", topic: "t", plaintext: true),
+        ] {
+            let config = ProducerConfiguration(destination: d, bootstrapServers: "127.0.0.1:1")
+            XCTAssertNoThrow(try KafkaProducer(configuration: config, logger: .init(label: "t"), onDelivery: { _ in }))
+        }
+    }
+
+    func testRejectedPropertyNeverShowsASecret() {
+        var config = ProducerConfiguration(
+            bootstrapServers: "x:1", securityProtocol: .saslSSL,
+            sasl: .init(mechanism: .plain, username: "u", password: "TOPSECRET"))
+        config.queueMaxMessages = -5  // invalid: librdkafka refuses it
+        XCTAssertThrowsError(try KafkaProducer(configuration: config, logger: .init(label: "t"), onDelivery: { _ in })) { error in
+            XCTAssertFalse("\(error)".contains("TOPSECRET"))
+            XCTAssertTrue("\(error)".contains("queue.buffering.max.messages"), "\(error)")
+        }
+    }
+}
