@@ -71,6 +71,9 @@ public struct ProducerConfiguration: Sendable, Equatable, Hashable {
             ("enable.idempotence", "true"),
             ("message.timeout.ms", Self.milliseconds(messageTimeout)),
             ("linger.ms", Self.milliseconds(linger)),
+            // Messages without a key (batches without an MPID) each go to a random partition (seed 000),
+            // rather than sticking to one partition for a while.
+            ("sticky.partitioning.linger.ms", "0"),
             ("queue.buffering.max.messages", String(queueMaxMessages)),
             ("queue.buffering.max.kbytes", String(queueMaxKilobytes)),
             // librdkafka's log lines go to the event queue and are read by our poll thread.

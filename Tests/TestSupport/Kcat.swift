@@ -19,7 +19,7 @@ public enum Kcat {
         // payload intact whatever it contains. A null key prints as empty, so kcat's %K (key length,
         // -1 when null) tells null from "".
         let format = "%p\u{1F}%o\u{1F}%K\u{1F}%k\u{1F}%s\u{1E}"
-        let result = try run(
+        let result = try runCommand(
             kcat, ["-C", "-b", bootstrap, "-t", topic, "-o", "beginning", "-e", "-q", "-f", format], timeout: 60)
         guard result.status == 0 else { throw KcatFailed(message: result.err) }
         return result.out.split(separator: "\u{1E}", omittingEmptySubsequences: true).compactMap { record in

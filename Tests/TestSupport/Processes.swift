@@ -22,7 +22,7 @@ public enum BuiltProducts {
 
 /// Runs a command to completion and returns its standard output (standard error is kept apart).
 @discardableResult
-public func run(_ executable: String, _ arguments: [String], timeout: TimeInterval = 60) throws -> (status: Int32, out: String, err: String) {
+public func runCommand(_ executable: String, _ arguments: [String], timeout: TimeInterval = 60) throws -> (status: Int32, out: String, err: String) {
     let process = Process()
     process.executableURL = URL(fileURLWithPath: executable)
     process.arguments = arguments

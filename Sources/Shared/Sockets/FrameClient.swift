@@ -26,7 +26,11 @@ public struct FrameClient<Handler: FrameConnectionHandler>: Service {
     }
 
     public func run() async throws {
-        try await cancelWhenGracefulShutdown { try await self.connectLoop() }
+        do {
+            try await cancelWhenGracefulShutdown { try await self.connectLoop() }
+        } catch is CancellationError {
+            // Graceful shutdown: not an error.
+        }
     }
 
     func connectLoop() async throws {

@@ -44,17 +44,21 @@ public struct FrameServer<Handler: FrameConnectionHandler>: Service {
         logger.info("listening", metadata: ["socket.path": "\(path)"])
         let handler = self.handler
         let logger = self.logger
-        try await cancelWhenGracefulShutdown {
-            try await server.executeThenClose { connections in
-                try await withThrowingDiscardingTaskGroup { group in
-                    for try await connection in connections {
-                        group.addTask {
-                            await runFrameConnection(connection, peer: FramePeer(), handler: handler, logger: logger)
+        defer { unlink(path) }
+        do {
+            try await cancelWhenGracefulShutdown {
+                try await server.executeThenClose { connections in
+                    try await withThrowingDiscardingTaskGroup { group in
+                        for try await connection in connections {
+                            group.addTask {
+                                await runFrameConnection(connection, peer: FramePeer(), handler: handler, logger: logger)
+                            }
                         }
                     }
                 }
             }
+        } catch is CancellationError {
+            // Graceful shutdown: not an error.
         }
-        unlink(path)
     }
 }
