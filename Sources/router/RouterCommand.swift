@@ -11,7 +11,24 @@ struct RouterCommand: AsyncParsableCommand {
 
     @OptionGroup var options: CommonOptions
 
+    @Flag(help: "Only check the config file: print a summary (or the error) and exit (0 valid, 78 invalid).")
+    var check = false
+
     func run() async throws {
+        if check {
+            do {
+                let config = try SluiceConfig.load(path: options.config)
+                print("config: ok (\(options.config))")
+                print("tenants: \(config.tenants.count)")
+                print("destinations: \(config.tenants.reduce(0) { $0 + $1.destinations.count })")
+                print("dev-cluster: \(config.usesDevCluster ? "yes" : "no")")
+                print("listen: \(config.ingest.host):\(config.ingest.port)")
+                return
+            } catch {
+                print("config: invalid: \(error)")
+                throw ExitCode(78)
+            }
+        }
         let logger = try options.start(process: "router")
         let config: SluiceConfig
         do {
