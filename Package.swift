@@ -69,6 +69,7 @@ let package = Package(
         ),
         // Helpers for tests: spawning executables, kcat, temporary run directories.
         .target(name: "TestSupport", dependencies: ["Shared"], path: "Tests/TestSupport"),
+        .testTarget(name: "RouterTests", dependencies: ["router", "Shared"]),
         .testTarget(name: "KafkaClientTests", dependencies: ["KafkaClient", "Shared", "kafka-out", "TestSupport"]),
         .testTarget(
             name: "IngestTests",

@@ -47,7 +47,7 @@ public struct ProducerConfiguration: Sendable, Equatable, Hashable {
     public var messageTimeout: Duration = .seconds(300)
     public var linger: Duration = .milliseconds(5)
     public var queueMaxMessages = 100_000
-    public var queueMaxKilobytes = 256 * 1024
+    public var queueMaxKilobytes = 64 * 1024
 
     public init(bootstrapServers: String, securityProtocol: SecurityProtocol, sasl: SASL? = nil, tls: TLS = TLS()) {
         self.bootstrapServers = bootstrapServers

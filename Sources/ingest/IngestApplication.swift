@@ -41,8 +41,7 @@ struct IngestAPI<Sink: BatchSink>: Sendable {
                     ? try validator.validateBulk(body, maxBatches: settings.maxBatchesPerRequest)
                     : [try validator.validate(body)]
             } catch {
-                let tooLarge = error.message.contains("the limit is")
-                throw tooLarge ? APIError.tooLarge(error.message) : APIError.badRequest(error.message)
+                throw error.isTooLarge ? APIError.tooLarge(error.message) : APIError.badRequest(error.message)
             }
             switch await sink.submit(tenant: tenant, batches: batches) {
             case .accepted:

@@ -47,8 +47,8 @@ final class RouterLink: FrameConnectionHandler, BatchSink {
         let orphans: [PendingRequest] = state.withLockedValue { s in
             guard s.peer == peer else { return [] }
             s.peer = nil
-            let all = Array(Set(s.pending.values.map { ObjectIdentifier($0) }))
-            let requests = all.compactMap { id in s.pending.values.first { ObjectIdentifier($0) == id } }
+            var seen = Set<ObjectIdentifier>()
+            let requests = s.pending.values.filter { seen.insert(ObjectIdentifier($0)).inserted }
             s.pending = [:]
             return requests
         }

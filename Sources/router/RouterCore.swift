@@ -30,13 +30,16 @@ actor RouterCore {
     private var waiting: [PeerRole: [UInt64]] = [:]
     private var nextID: UInt64 = 1
     private var roundRobin = 0
-    /// Work items held at most; beyond it ingest is told to retry later (503).
+    /// Work held at most (items and payload bytes); beyond it ingest is told to retry later (503).
     let maxBacklog: Int
+    let maxBacklogBytes: Int
+    private var backlogBytes = 0
 
-    init(config: SluiceConfig, logger: Logger, maxBacklog: Int = 100_000) {
+    init(config: SluiceConfig, logger: Logger, maxBacklog: Int = 100_000, maxBacklogBytes: Int = 64 << 20) {
         self.config = config
         self.logger = logger
         self.maxBacklog = maxBacklog
+        self.maxBacklogBytes = maxBacklogBytes
         for tenant in config.tenants {
             routes[tenant.id] = tenant.destinations.map { d in
                 (d, d.wireKey(tenant: tenant.id, generation: 1), d.wireJSON.jsonBytes)
@@ -89,7 +92,8 @@ actor RouterCore {
             ingest.send(.nack(frame.id, reason: "unknown tenant '\(tenant)'", retryable: false))
             return
         }
-        guard work.count + destinations.count <= maxBacklog else {
+        let bytes = payload.readableBytes * destinations.count
+        guard work.count + destinations.count <= maxBacklog, backlogBytes + bytes <= maxBacklogBytes else {
             ingest.send(.nack(frame.id, reason: "router backlog is full", retryable: true))
             return
         }
@@ -99,6 +103,7 @@ actor RouterCore {
             work[id] = Work(
                 tenant: tenant, destination: route.destination.name, destinationKey: route.key,
                 role: route.destination.role, spec: route.spec, key: frame.key, payload: payload)
+            backlogBytes += payload.readableBytes
             dispatch(id)
         }
         ingest.send(.ack(frame.id))
@@ -142,7 +147,7 @@ actor RouterCore {
     func outcome(_ frame: Frame, from peer: FramePeer) {
         guard let item = work[frame.id], item.peer == peer else { return }  // stale: already re-dispatched
         if frame.type == .ack {
-            work[frame.id] = nil
+            finish(frame.id)
             return
         }
         let reason = frame.reason ?? "no reason given"
@@ -161,11 +166,15 @@ actor RouterCore {
             }
         } else {
             // Permanent failure. The dead-letter store will keep these; until then they are logged.
-            work[frame.id] = nil
+            finish(frame.id)
             logger.error(
                 "delivery failed permanently; batch dropped for this destination",
                 metadata: ["tenant.id": "\(item.tenant)", "destination": "\(item.destination)", "error": "\(reason)"])
         }
+    }
+
+    private func finish(_ id: UInt64) {
+        if let item = work.removeValue(forKey: id) { backlogBytes -= item.payload.readableBytes }
     }
 
     private func retry(_ id: UInt64) {

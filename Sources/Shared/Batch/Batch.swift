@@ -32,7 +32,12 @@ public struct ValidatedBatch: Sendable {
 /// Why a batch was refused. `message` names the field and what is wrong with it.
 public struct BatchError: Error, Equatable, CustomStringConvertible, Sendable {
     public var message: String
-    public init(_ message: String) { self.message = message }
+    /// The batch is over the size limit (HTTP 413) rather than invalid (HTTP 400).
+    public var isTooLarge: Bool
+    public init(_ message: String, isTooLarge: Bool = false) {
+        self.message = message
+        self.isTooLarge = isTooLarge
+    }
     public var description: String { message }
 }
 
@@ -80,7 +85,7 @@ public struct BatchValidator: Sendable {
 
     func validate(_ buffer: ByteBuffer, label: String) throws(BatchError) -> ValidatedBatch {
         guard buffer.readableBytes <= maxBatchBytes else {
-            throw BatchError("\(label) is \(buffer.readableBytes) bytes; the limit is \(maxBatchBytes) bytes")
+            throw BatchError("\(label) is \(buffer.readableBytes) bytes; the limit is \(maxBatchBytes) bytes", isTooLarge: true)
         }
         let result: Result<ValidatedBatch, BatchError> = buffer.withBytes { raw in
             do throws(BatchError) {

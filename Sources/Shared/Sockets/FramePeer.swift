@@ -64,6 +64,14 @@ public final class FramePeer: Sendable, Hashable {
         waiter?.resume(returning: nil)
     }
 
+    /// Takes what is queued without waiting (for inspection in tests).
+    func takeQueued() -> [Frame] {
+        state.withLockedValue { s in
+            defer { s.queue = [] }
+            return s.queue
+        }
+    }
+
     /// The frames queued since the last call, waiting if there are none; nil once closed and drained.
     func nextFrames() async -> [Frame]? {
         await withCheckedContinuation { (c: CheckedContinuation<[Frame]?, Never>) in
@@ -135,7 +143,8 @@ func runFrameConnection(
                     peer.send(.error(code: error.code, message: error.description))
                 } catch is CancellationError {
                 } catch {
-                    logger.warning("closing connection", metadata: ["error": "\(error)", "peer.role": "\(peer.role?.rawValue ?? "-")"])
+                    logger.warning("closing connection after a protocol error", metadata: ["error": "\(error)", "peer.role": "\(peer.role?.rawValue ?? "-")"])
+                    peer.send(.error(code: "PROTOCOL_ERROR", message: "\(error)"))
                 }
                 peer.close()
                 await group.waitForAll()
