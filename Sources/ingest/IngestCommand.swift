@@ -18,13 +18,7 @@ struct IngestCommand: AsyncParsableCommand {
 
     func run() async throws {
         let logger = try options.start(process: "ingest")
-        var config: SluiceConfig
-        do {
-            config = try SluiceConfig.load(path: options.config)
-        } catch {
-            logger.critical("invalid configuration", metadata: ["error": "\(error)"])
-            throw ExitCode(78)
-        }
+        var config = try options.loadConfig(logger: logger)
         if let listen {
             guard let colon = listen.lastIndex(of: ":"), let port = Int(listen[listen.index(after: colon)...]) else {
                 throw ValidationError("--listen must be HOST:PORT")

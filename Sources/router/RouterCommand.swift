@@ -26,17 +26,11 @@ struct RouterCommand: AsyncParsableCommand {
                 return
             } catch {
                 print("config: invalid: \(error)")
-                throw ExitCode(78)
+                throw ExitCode(CommonOptions.configErrorExitCode)
             }
         }
         let logger = try options.start(process: "router")
-        let config: SluiceConfig
-        do {
-            config = try SluiceConfig.load(path: options.config)
-        } catch {
-            logger.critical("invalid configuration", metadata: ["error": "\(error)"])
-            throw ExitCode(78)
-        }
+        let config = try options.loadConfig(logger: logger)
         let core = RouterCore(config: config, logger: logger)
         let server = FrameServer(path: options.routerSocketPath, handler: RouterHandler(core: core), logger: logger)
         let group = ServiceGroup(

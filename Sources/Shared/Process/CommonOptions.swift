@@ -34,6 +34,19 @@ public struct CommonOptions: ParsableArguments, Sendable {
         }
     }
 
+    /// Exit status for a configuration error (sysexits' EX_CONFIG).
+    public static let configErrorExitCode: Int32 = 78
+
+    /// Loads the config file; on error logs the precise message and exits with status 78.
+    public func loadConfig(logger: Logger) throws -> SluiceConfig {
+        do {
+            return try SluiceConfig.load(path: config)
+        } catch {
+            logger.critical("invalid configuration", metadata: ["error": "\(error)"])
+            throw ExitCode(Self.configErrorExitCode)
+        }
+    }
+
     /// Sets up logging and the run directory; returns the process logger.
     public func start(process: String) throws -> Logger {
         SluiceLogging.bootstrap(process: process, level: logLevel, format: logFormat)
