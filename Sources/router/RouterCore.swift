@@ -1,3 +1,4 @@
+import Foundation
 import Logging
 import NIOCore
 import Shared
@@ -97,14 +98,41 @@ actor RouterCore {
             ingest.send(.nack(frame.id, reason: "router backlog is full", retryable: true))
             return
         }
+        let receivedAt = Int64(Date().timeIntervalSince1970 * 1000)
+        var tree: JSONValue?
         for route in destinations {
-            let id = nextID
-            nextID += 1
-            work[id] = Work(
-                tenant: tenant, destination: route.destination.name, destinationKey: route.key,
-                role: route.destination.role, spec: route.spec, key: frame.key, payload: payload)
-            backlogBytes += payload.readableBytes
-            dispatch(id)
+            let messages: [ByteBuffer]
+            switch route.destination.kind {
+            case .kafka(let kafka):
+                if tree == nil {
+                    do {
+                        tree = try JSONValue.parse(payload)
+                    } catch {
+                        ingest.send(.nack(frame.id, reason: "the batch is not valid JSON: \(error)", retryable: false))
+                        return
+                    }
+                }
+                let output = kafka.settings.apply(to: tree!, original: payload, receivedAt: receivedAt)
+                if output.unsupportedEvents + output.filteredEvents > 0 || output.messages.isEmpty {
+                    logger.debug(
+                        "connection settings applied",
+                        metadata: [
+                            "tenant.id": "\(tenant)", "destination": "\(route.destination.name)",
+                            "events.unsupported": "\(output.unsupportedEvents)", "events.filtered": "\(output.filteredEvents)",
+                            "messages": "\(output.messages.count)",
+                        ])
+                }
+                messages = output.messages
+            }
+            for message in messages {
+                let id = nextID
+                nextID += 1
+                work[id] = Work(
+                    tenant: tenant, destination: route.destination.name, destinationKey: route.key,
+                    role: route.destination.role, spec: route.spec, key: frame.key, payload: message)
+                backlogBytes += message.readableBytes
+                dispatch(id)
+            }
         }
         ingest.send(.ack(frame.id))
     }

@@ -124,7 +124,7 @@ final class ConfigTests: XCTestCase {
             kafka("bootstrap_servers: h:1\ntopic: x\nplaintext: true\nusername: u"),
             contains: ["'plaintext'", "cannot be combined"])
         assertError(kafka("bootstrap_servers: dev\ntopic: x"), contains: ["plaintext only"])
-        assertError(kafka("bootstrap_servers: h:1\ntopic: x\nsettings: {}"), contains: ["unknown setting 'settings'"])
+        assertError(kafka("bootstrap_servers: h:1\ntopic: x\nsettingz: {}"), contains: ["unknown setting 'settingz'"])
     }
 
     func testErrorsCarryTheLineNumber() {

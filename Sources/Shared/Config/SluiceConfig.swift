@@ -84,12 +84,15 @@ public struct KafkaDestination: Sendable, Equatable {
     public var sslCAPEM: String?
     /// Development only: no TLS. Never the default; logged as a warning.
     public var plaintext: Bool
+    /// What is sent: filters, projections, one message per batch or per event.
+    public var settings: KafkaConnectionSettings
 
     public init(
         bootstrapServers: String, topic: String, username: String? = nil, password: Secret? = nil,
         saslMechanism: SASLMechanism = .plain, sslKeyPEM: Secret? = nil, sslCertificatePEM: String? = nil,
-        sslCAPEM: String? = nil, plaintext: Bool = false
+        sslCAPEM: String? = nil, plaintext: Bool = false, settings: KafkaConnectionSettings = KafkaConnectionSettings()
     ) {
+        self.settings = settings
         self.bootstrapServers = bootstrapServers
         self.topic = topic
         self.username = username
@@ -224,7 +227,7 @@ extension SluiceConfig {
     static func parseKafka(_ node: ConfigNode) throws(ConfigError) -> KafkaDestination {
         try node.checkKeys([
             "kind", "bootstrap_servers", "topic", "username", "password", "sasl_mechanism",
-            "ssl_private_key", "ssl_certificate", "ssl_ca_certificate", "plaintext",
+            "ssl_private_key", "ssl_certificate", "ssl_ca_certificate", "plaintext", "settings",
         ])
         let bootstrap = try node.requiredString("bootstrap_servers")
         if bootstrap != KafkaDestination.devClusterName {
@@ -277,8 +280,42 @@ extension SluiceConfig {
         if bootstrap == KafkaDestination.devClusterName && !plaintext {
             throw node.fail("the embedded dev cluster speaks plaintext only: add 'plaintext: true'", field: "bootstrap_servers")
         }
+        let settings = try node.child("settings").map(parseKafkaSettings) ?? KafkaConnectionSettings()
         return KafkaDestination(
             bootstrapServers: bootstrap, topic: topic, username: username, password: password, saslMechanism: mechanism,
-            sslKeyPEM: key, sslCertificatePEM: certificate, sslCAPEM: ca, plaintext: plaintext)
+            sslKeyPEM: key, sslCertificatePEM: certificate, sslCAPEM: ca, plaintext: plaintext, settings: settings)
+    }
+
+    static func parseKafkaSettings(_ node: ConfigNode) throws(ConfigError) -> KafkaConnectionSettings {
+        let flags: [(String, WritableKeyPath<KafkaConnectionSettings, Bool>)] = [
+            ("send_network_performance_events", \.sendNetworkPerformanceEvents),
+            ("send_as_batch", \.sendAsBatch),
+            ("include_location", \.includeLocation),
+            ("send_profile_change_events", \.sendProfileChangeEvents),
+            ("include_metadata", \.includeMetadata),
+            ("include_user_attribute_change_events", \.includeUserAttributeChangeEvents),
+            ("include_user_identity_change_events", \.includeUserIdentityChangeEvents),
+            ("send_batches_without_events", \.sendBatchesWithoutEvents),
+            ("include_mp_deviceid", \.includeMPDeviceID),
+            ("include_event_batch_location", \.includeEventBatchLocation),
+        ]
+        try node.checkKeys(Set(flags.map(\.0) + ["unique_id", "metadata_field_exclusion"]))
+        var settings = KafkaConnectionSettings()
+        for (key, path) in flags {
+            if let value = try node.bool(key) { settings[keyPath: path] = value }
+        }
+        settings.uniqueID = try node.string("unique_id").flatMap { $0.isEmpty ? nil : $0 }
+        if let list = try node.child("metadata_field_exclusion") {
+            guard let items = list.node.sequence else {
+                throw list.fail("must be a list of: device_name, ip_address")
+            }
+            for item in items {
+                guard let name = item.string, let field = KafkaConnectionSettings.MetadataField(rawValue: name) else {
+                    throw list.fail("unknown metadata field '\(item.string ?? "?")' (known: device_name, ip_address)", at: item)
+                }
+                settings.metadataFieldExclusion.insert(field)
+            }
+        }
+        return settings
     }
 }

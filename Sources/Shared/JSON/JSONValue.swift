@@ -2,7 +2,7 @@ import NIOCore
 
 /// A JSON value for the places that edit a document. Objects keep their member order and numbers
 /// keep their literal text, so parse → write reproduces ids exactly.
-public indirect enum JSONValue: Equatable, Sendable {
+public indirect enum JSONValue: Equatable, Sendable, CustomStringConvertible {
     case null
     case bool(Bool)
     /// The number's literal text, exactly as it appeared (or as written by the caller).
@@ -127,4 +127,6 @@ public indirect enum JSONValue: Equatable, Sendable {
     }
 
     public var jsonString: String { String(buffer: jsonBytes) }
+
+    public var description: String { jsonString }
 }
