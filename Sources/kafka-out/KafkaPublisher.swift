@@ -82,7 +82,7 @@ final class KafkaPublisher: FrameConnectionHandler, Service {
         }
         let producer: KafkaProducer
         do {
-            producer = try self.producer(for: destination)
+            producer = try self.producer(for: destination, key: destinationKey)
         } catch {
             peer.send(.nack(frame.id, reason: error.description, retryable: error.isRetriable))
             return
@@ -116,23 +116,24 @@ final class KafkaPublisher: FrameConnectionHandler, Service {
         }
     }
 
-    private func producer(for destination: KafkaDestination) throws(KafkaError) -> KafkaProducer {
+    private func producer(for destination: KafkaDestination, key: String) throws(KafkaError) -> KafkaProducer {
         let configuration = try producerConfiguration(for: destination)
         let existing: KafkaProducer? = state.withLockedValue { s in
             if let p = s.producers[configuration], p.fatalError == nil { return p }
             return nil
         }
         if let existing { return existing }
-        let producer = try KafkaProducer(configuration: configuration, logger: logger) { [weak self] reports in
+        // librdkafka's messages about this cluster (auth, TLS, unreachable brokers) name the
+        // destination that first needed the producer, and how it connects.
+        var producerLogger = logger
+        producerLogger[metadataKey: "destination"] = "\(key.split(separator: "#").first ?? "")"
+        producerLogger[metadataKey: "kafka.bootstrap"] = "\(configuration.bootstrapServers)"
+        producerLogger[metadataKey: "kafka.security_protocol"] = "\(configuration.securityProtocol.rawValue)"
+        producerLogger[metadataKey: "kafka.sasl_mechanism"] = "\(configuration.sasl?.mechanism.rawValue ?? "-")"
+        let producer = try KafkaProducer(configuration: configuration, logger: producerLogger) { [weak self] reports in
             self?.delivered(reports)
         }
-        logger.info(
-            "kafka producer created",
-            metadata: [
-                "kafka.bootstrap": "\(configuration.bootstrapServers)",
-                "kafka.security_protocol": "\(configuration.securityProtocol.rawValue)",
-                "kafka.sasl_mechanism": "\(configuration.sasl?.mechanism.rawValue ?? "-")",
-            ])
+        producerLogger.info("kafka producer created")
         return state.withLockedValue { s in
             if let p = s.producers[configuration], p.fatalError == nil { return p }
             s.producers[configuration] = producer

@@ -490,6 +490,94 @@ def make_authenticator(mechanism, users):
 
 
 # ---------------------------------------------------------------------------
+# TLS over memory BIOs
+#
+# asyncio's built-in server TLS drops the TLS alert when the handshake fails on the
+# server side (e.g. a required client certificate is missing), so the client only sees
+# an unexpected EOF. Driving ssl.SSLObject ourselves lets the alert reach the client,
+# as it would from a real broker.
+
+
+class TlsStream:
+    def __init__(self, reader, writer, ctx):
+        self.reader = reader
+        self.writer = writer
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_side=True)
+
+    def _flush_nowait(self):
+        data = self.outgoing.read()
+        if data and not self.writer.is_closing():
+            self.writer.write(data)
+
+    async def _flush(self):
+        self._flush_nowait()
+        await self.writer.drain()
+
+    async def _feed(self):
+        data = await self.reader.read(65536)
+        if data:
+            self.incoming.write(data)
+        else:
+            self.incoming.write_eof()
+
+    async def handshake(self):
+        while True:
+            try:
+                self.obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                await self._flush()
+                await self._feed()
+            except ssl.SSLError:
+                # send the alert (e.g. certificate required / unknown ca) before failing
+                try:
+                    await self._flush()
+                except Exception:
+                    pass
+                raise
+        await self._flush()
+
+    async def readexactly(self, n):
+        buf = bytearray()
+        while len(buf) < n:
+            try:
+                chunk = self.obj.read(n - len(buf))
+                if not chunk:  # close_notify
+                    raise asyncio.IncompleteReadError(bytes(buf), n)
+                buf += chunk
+            except ssl.SSLWantReadError:
+                await self._flush()
+                await self._feed()
+            except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
+                raise asyncio.IncompleteReadError(bytes(buf), n)
+        return bytes(buf)
+
+    def write(self, data):
+        self.obj.write(data)
+        self._flush_nowait()
+
+    async def drain(self):
+        await self._flush()
+
+    def get_extra_info(self, name):
+        if name == "ssl_object":
+            return self.obj
+        return self.writer.get_extra_info(name)
+
+    def is_closing(self):
+        return self.writer.is_closing()
+
+    def close(self):
+        try:
+            self._flush_nowait()
+        except Exception:
+            pass
+        self.writer.close()
+
+
+# ---------------------------------------------------------------------------
 # framing
 
 
@@ -822,12 +910,11 @@ class Front:
             if b not in ordered:
                 ordered.append(b)
         self.nodes = ordered
-        ctx = self.ssl_context()
+        self.ctx = self.ssl_context()
         addrs = []
         for node in self.nodes:
             server = await asyncio.start_server(
-                lambda r, w, node=node: self.handle(node, r, w),
-                "127.0.0.1", 0, ssl=ctx, ssl_handshake_timeout=15)
+                lambda r, w, node=node: self.handle(node, r, w), "127.0.0.1", 0)
             port = server.sockets[0].getsockname()[1]
             self.node_ports[node["node_id"]] = port
             self.servers.append(server)
@@ -841,9 +928,18 @@ class Front:
             self.sasl_enabled, self.mechanisms, self.client_ca)
 
     async def handle(self, node, reader, writer):
-        conn = Connection(self, node, reader, writer)
         task = asyncio.current_task()
         self.connections.add(task)
+        peer = writer.get_extra_info("peername")
+        tls = TlsStream(reader, writer, self.ctx)
+        try:
+            await asyncio.wait_for(tls.handshake(), 15)
+        except Exception as e:
+            log("[node %s] TLS handshake with %s failed: %r", node["node_id"], peer, e)
+            writer.close()
+            self.connections.discard(task)
+            return
+        conn = Connection(self, node, tls, tls)
         try:
             await conn.run()
         except Exception as e:  # one bad client never kills the front
@@ -893,8 +989,194 @@ async def fetch_brokers(host, port):
         writer.close()
 
 
+# ---------------------------------------------------------------------------
+# self-test (python3 kafka_front.py --self-test): the encodings the mock cluster never
+# exercises (flexible Metadata v9+, ApiVersions v3, FindCoordinator v3/v4) and SASL.
+
+
+def self_test():
+    ports = {1: 40001, 2: 40002}
+
+    class F:
+        sasl_enabled = True
+        node_ports = ports
+
+    def tags(flex):
+        return EMPTY_TAGS if flex else b""
+
+    # Metadata v0..v12
+    for v in range(0, 13):
+        flex = v >= 9
+        brokers = [(1, "broker-1.internal", 9092, "rack-a"), (2, "b2", 9093, None), (7, "unknown", 9094, None)]
+        body = bytearray()
+        if v >= 3:
+            body += enc_i32(5)
+        body += enc_array_len(len(brokers), flex)
+        for node, host, port, rack in brokers:
+            body += enc_i32(node) + enc_string(host, flex) + enc_i32(port)
+            if v >= 1:
+                body += enc_string(rack, flex)
+            body += tags(flex)
+        tail = bytearray()
+        if v >= 2:
+            tail += enc_string("cluster-x", flex)
+        if v >= 1:
+            tail += enc_i32(1)
+        tail += enc_array_len(1, flex) + enc_i16(0) + enc_string("t1", flex)
+        if v >= 10:
+            tail += b"\x11" * 16
+        tail += b"\x00" + enc_array_len(0, flex)
+        if v >= 8:
+            tail += enc_i32(-2147483648)
+        tail += tags(flex)
+        if 8 <= v <= 10:
+            tail += enc_i32(0)
+        tail += tags(flex)
+        out = rewrite_metadata(bytes(body + tail), v, ports)
+        r = Reader(out)
+        if v >= 3:
+            assert r.i32() == 5
+        got = []
+        for _ in range(r.array_len(flex)):
+            node, host, port = r.i32(), r.string(flex), r.i32()
+            rack = r.string(flex) if v >= 1 else None
+            if flex:
+                r.tagged_fields()
+            got.append((node, host, port, rack))
+        want = [(1, "127.0.0.1", 40001, "rack-a" if v >= 1 else None), (2, "127.0.0.1", 40002, None),
+                (7, "unknown", 9094, None)]
+        assert got == want, (v, got)
+        assert r.rest() == bytes(tail), v
+
+    # ApiVersions v0..v3 (and an error response, relayed unchanged)
+    for v in range(0, 4):
+        flex = v >= 3
+        apis = [(0, 0, 9), (3, 0, 12), (17, 0, 1), (18, 0, 3), (36, 0, 2)]
+        body = enc_i16(0) + enc_array_len(len(apis), flex)
+        for k, lo, hi in apis:
+            body += struct.pack(">hhh", k, lo, hi) + tags(flex)
+        tail = (enc_i32(0) if v >= 1 else b"") + (b"\x01\x00\x02\xab\xcd" if flex else b"")
+        for add in (True, False):
+            out = rewrite_api_versions(body + tail, v, add)
+            r = Reader(out)
+            assert r.i16() == 0
+            got = []
+            for _ in range(r.array_len(flex)):
+                got.append((r.i16(), r.i16(), r.i16()))
+                if flex:
+                    r.tagged_fields()
+            want = [(0, 0, 9), (3, 0, 12), (18, 0, 3)]
+            if add:
+                want = sorted(want + [(17, 0, 1), (36, 0, 1)])
+            assert got == want, (v, add, got)
+            assert r.rest() == tail
+    err = enc_i16(ERR_UNSUPPORTED_VERSION) + enc_i32(1) + struct.pack(">hhh", 18, 0, 2)
+    assert rewrite_api_versions(err, 3, True) == err
+
+    # ApiVersions response header is never flexible, even at v3
+    class G(F):
+        pass
+    resp = enc_i32(9) + enc_i16(0) + enc_array_len(1, True) + struct.pack(">hhh", 18, 0, 3) + b"\x00" + enc_i32(0) + b"\x00"
+    out = rewrite_response(resp, API_API_VERSIONS, 3, G)
+    assert out[:4] == enc_i32(9) and b"\x00\x11\x00\x00\x00\x01" in out
+
+    # FindCoordinator v0..v4
+    for v in range(0, 5):
+        flex = v >= 3
+        body = bytearray()
+        if v >= 1:
+            body += enc_i32(0)
+        if v >= 4:
+            body += enc_array_len(2, flex)
+            for key, node in (("g1", 2), ("g2", -1)):
+                body += enc_string(key, flex) + enc_i32(node) + enc_string("b", flex) + enc_i32(1)
+                body += enc_i16(0) + enc_string(None, flex) + tags(flex)
+        else:
+            body += enc_i16(0)
+            if v >= 1:
+                body += enc_string(None, flex)
+            body += enc_i32(2) + enc_string("broker-2", flex) + enc_i32(9093)
+        body += tags(flex)
+        out = rewrite_find_coordinator(bytes(body), v, ports)
+        r = Reader(out)
+        if v >= 1:
+            r.i32()
+        if v >= 4:
+            assert r.array_len(flex) == 2
+            assert r.string(flex) == "g1" and r.i32() == 2
+            assert r.string(flex) == "127.0.0.1" and r.i32() == 40002
+            r.i16(); r.string(flex); r.tagged_fields()
+            assert r.string(flex) == "g2" and r.i32() == -1 and r.string(flex) == "b" and r.i32() == 1
+            r.i16(); r.string(flex); r.tagged_fields()
+        else:
+            r.i16()
+            if v >= 1:
+                r.string(flex)
+            assert r.i32() == 2 and r.string(flex) == "127.0.0.1" and r.i32() == 40002
+        if flex:
+            r.tagged_fields()
+        assert r.pos == len(out), v
+
+    # SASL PLAIN
+    users = {"alice": "s3cret", "bob": "x,y=z"}
+    assert PlainAuthenticator(users).step(b"\x00alice\x00s3cret") == (True, b"")
+    assert PlainAuthenticator(users).step(b"alice\x00alice\x00s3cret")[0]
+    for bad in (b"\x00alice\x00wrong", b"\x00carol\x00s3cret", b"alice\x00s3cret", b"bob\x00alice\x00s3cret"):
+        try:
+            PlainAuthenticator(users).step(bad)
+            raise AssertionError("PLAIN accepted %r" % bad)
+        except AuthFailed:
+            pass
+
+    # SASL SCRAM, both the RFC nonce form and librdkafka's <cnonce><server nonce> form
+    def scram_client(mech, user, password, server, librdkafka_nonce):
+        h = "sha256" if mech == "SCRAM-SHA-256" else "sha512"
+        cnonce = base64.b64encode(secrets.token_bytes(24)).decode()
+        bare = "n=%s,r=%s" % (user.replace("=", "=3D").replace(",", "=2C"), cnonce)
+        done, first = server.step(("n,," + bare).encode())
+        assert not done
+        first = first.decode()
+        a = _scram_attrs(first)
+        assert a["r"].startswith(cnonce)
+        salted = hashlib.pbkdf2_hmac(h, password.encode(), base64.b64decode(a["s"]), int(a["i"]))
+        ck = hmac.new(salted, b"Client Key", h).digest()
+        nonce = cnonce + a["r"] if librdkafka_nonce else a["r"]
+        wo = "c=biws,r=" + nonce
+        am = ",".join((bare, first, wo)).encode()
+        sig = hmac.new(hashlib.new(h, ck).digest(), am, h).digest()
+        proof = base64.b64encode(bytes(x ^ y for x, y in zip(ck, sig))).decode()
+        done, final = server.step((wo + ",p=" + proof).encode())
+        assert done
+        sk = hmac.new(salted, b"Server Key", h).digest()
+        assert final == b"v=" + base64.b64encode(hmac.new(sk, am, h).digest())
+
+    for mech in ("SCRAM-SHA-256", "SCRAM-SHA-512"):
+        for quirk in (False, True):
+            scram_client(mech, "alice", "s3cret", ScramAuthenticator(users, mech), quirk)
+            scram_client(mech, "bob", "x,y=z", ScramAuthenticator(users, mech), quirk)
+            for user, pw in (("alice", "wrong"), ("carol", "s3cret")):
+                try:
+                    scram_client(mech, user, pw, ScramAuthenticator(users, mech), quirk)
+                    raise AssertionError("SCRAM accepted %s/%s" % (user, pw))
+                except AuthFailed as e:
+                    assert str(e) == INVALID_CREDENTIALS
+
+    # request header parsing / acks=0
+    for v in (3, 8, 9):
+        flex = v >= 9
+        req = enc_i16(API_PRODUCE) + enc_i16(v) + enc_i32(1) + enc_string("c", False) + tags(flex)
+        req += enc_string(None, flex)
+        assert produce_expects_response(req + enc_i16(1) + b"...")
+        assert not produce_expects_response(req + enc_i16(0) + b"...")
+    print("kafka_front self-test: OK")
+    return 0
+
+
 def main():
-    p = argparse.ArgumentParser(description="Kafka TLS + SASL front for a PLAINTEXT test cluster")
+    if sys.argv[1:] == ["--self-test"]:
+        return self_test()
+    p = argparse.ArgumentParser(description="Kafka TLS + SASL front for a PLAINTEXT test cluster",
+                                epilog="python3 kafka_front.py --self-test checks the codecs and SASL offline.")
     p.add_argument("--upstream", required=True, help="HOST:PORT[,HOST:PORT...] of the upstream (plaintext) cluster")
     p.add_argument("--cert", required=True, help="server certificate (PEM, may include the chain)")
     p.add_argument("--key", required=True, help="server private key (PEM)")
