@@ -117,7 +117,13 @@ final class ConfigTests: XCTestCase {
         assertError(kafka("bootstrap_servers: h:1\ntopic: x\nsasl_mechanism: PLAIN"), contains: ["without a username"])
         assertError(kafka("bootstrap_servers: h:1\ntopic: x\nssl_ca_certificate: notapem"), contains: ["'ssl_ca_certificate'", "PEM"])
         assertError(
-            kafka("bootstrap_servers: h:1\ntopic: x\nssl_certificate: \"-----BEGIN CERTIFICATE-----\""),
+            kafka("bootstrap_servers: h:1\ntopic: x\nssl_ca_certificate: \"-----BEGIN CERTIFICATE-----\\nnot base64!\\n-----END CERTIFICATE-----\""),
+            contains: ["not valid base64"])
+        assertError(
+            kafka("bootstrap_servers: h:1\ntopic: x\nssl_ca_certificate: \"-----BEGIN CERTIFICATE-----\\nAAAA\\n\""),
+            contains: ["without its END"])
+        assertError(
+            kafka("bootstrap_servers: h:1\ntopic: x\nssl_certificate: \"-----BEGIN CERTIFICATE-----\\nAAAA\\n-----END CERTIFICATE-----\""),
             contains: ["'ssl_private_key'", "go together"])
         assertError(kafka("bootstrap_servers: h:1\ntopic: x\nplaintext: maybe"), contains: ["'plaintext'", "true or false"])
         assertError(

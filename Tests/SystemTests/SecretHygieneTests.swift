@@ -7,7 +7,7 @@ import XCTest
 final class SecretHygieneTests: XCTestCase {
     let apiSecret = "Ingest-Secret-4f9a"
     let kafkaPassword = "Kafka-Pw-77c1"
-    let keyMaterial = "PRIVATEKEYMATERIAL0123456789abcdef"
+    let keyMaterial = "PRIVATEKEYMATERIAL0123456789abcdefgh"
 
     func testSecretsNeverAppearInLogsOrErrors() throws {
         let keyPEM = "-----BEGIN PRIVATE KEY-----\\n\(keyMaterial)\\n-----END PRIVATE KEY-----"

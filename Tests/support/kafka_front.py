@@ -384,10 +384,10 @@ class PlainAuthenticator:
             raise AuthFailed("Authentication failed: invalid SASL/PLAIN request: not UTF-8")
         if authzid and authzid != user:
             raise AuthFailed("Authentication failed: Client requested an authorization id that is different from username")
+        self.user = user
         expected = self.users.get(user)
         if expected is None or not hmac.compare_digest(expected.encode("utf-8"), password.encode("utf-8")):
             raise AuthFailed(INVALID_CREDENTIALS)
-        self.user = user
         return True, b""
 
 

@@ -265,8 +265,8 @@ extension SluiceConfig {
         let certificate = try node.secret("ssl_certificate")?.value
         let ca = try node.secret("ssl_ca_certificate")?.value
         for (field, pem) in [("ssl_private_key", key?.value), ("ssl_certificate", certificate), ("ssl_ca_certificate", ca)] {
-            if let pem, !pem.contains("-----BEGIN ") {
-                throw node.fail("must be PEM text (-----BEGIN ...-----)", field: field)
+            if let pem, let problem = pemProblem(pem) {
+                throw node.fail("must be PEM text: \(problem)", field: field)
             }
         }
         if (key == nil) != (certificate == nil) {
@@ -284,6 +284,36 @@ extension SluiceConfig {
         return KafkaDestination(
             bootstrapServers: bootstrap, topic: topic, username: username, password: password, saslMechanism: mechanism,
             sslKeyPEM: key, sslCertificatePEM: certificate, sslCAPEM: ca, plaintext: plaintext, settings: settings)
+    }
+
+    /// Checks the structure of PEM text: one or more BEGIN/END blocks with base64 between them.
+    /// Returns what is wrong, never the text itself (it may be a private key).
+    static func pemProblem(_ pem: String) -> String? {
+        let lines = pem.split(whereSeparator: \.isNewline).map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+        var blocks = 0
+        var label: String?
+        var body = ""
+        for line in lines {
+            if line.hasPrefix("-----BEGIN ") && line.hasSuffix("-----") {
+                guard label == nil else { return "a BEGIN line inside another block" }
+                label = String(line.dropFirst(11).dropLast(5))
+                body = ""
+            } else if line.hasPrefix("-----END ") && line.hasSuffix("-----") {
+                guard let open = label, String(line.dropFirst(9).dropLast(5)) == open else {
+                    return "an END line that does not match its BEGIN line"
+                }
+                guard !body.isEmpty, Data(base64Encoded: body) != nil else { return "the \(open) block is not valid base64" }
+                blocks += 1
+                label = nil
+            } else if label != nil {
+                if line.contains(":") { continue }  // encrypted-key headers such as Proc-Type
+                body += line
+            } else {
+                return "text outside a -----BEGIN ...----- / -----END ...----- block"
+            }
+        }
+        if label != nil { return "a block without its END line" }
+        return blocks == 0 ? "no -----BEGIN ...----- block" : nil
     }
 
     static func parseKafkaSettings(_ node: ConfigNode) throws(ConfigError) -> KafkaConnectionSettings {
