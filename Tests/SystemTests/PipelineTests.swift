@@ -206,7 +206,7 @@ final class SDKCompatibilityTests: XCTestCase {
         let group = try ProcessGroup(config: PipelineTests.config)
         try group.startAll(topics: ["acme-events:4"])
         let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
-            .appendingPathComponent("compat/mparticle_sdk_client.py").path
+            .appendingPathComponent("tools/mparticle_sdk_client.py").path
         let result = try runCommand("/usr/bin/env", ["python3", script, "http://127.0.0.1:\(group.port)/v2", "acme-key", "acme-secret"])
         XCTAssertEqual(result.status, 0, result.err + group.logs())
         let mpids = result.out.split(separator: "\n").map(String.init)

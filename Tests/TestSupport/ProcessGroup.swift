@@ -27,6 +27,11 @@ public final class ProcessGroup: @unchecked Sendable {
         try? FileManager.default.removeItem(atPath: runDir)
     }
 
+    /// Replaces the config file (for configs that need addresses known only after start).
+    public func writeConfig(_ config: String) throws {
+        try config.write(toFile: configPath, atomically: true, encoding: .utf8)
+    }
+
     public var bootstrapFile: String { runDir + "/dev-cluster.bootstrap" }
 
     public var bootstrapServers: String {

@@ -922,7 +922,7 @@ class Front:
             log("listening on 127.0.0.1:%d for node %d (%s:%d)", port, node["node_id"], node["host"], node["port"])
         tmp = self.args.ports_file + ".tmp.%d" % os.getpid()
         with open(tmp, "w") as f:
-            f.write(",".join(addrs) + "\n")
+            f.write(",".join(addrs) + "\n")  # newline-terminated, like dev-cluster.bootstrap
         os.replace(tmp, self.args.ports_file)
         log("ports file %s: %s (sasl=%s mechanisms=%s client_ca=%s)", self.args.ports_file, ",".join(addrs),
             self.sasl_enabled, self.mechanisms, self.client_ca)
@@ -1074,10 +1074,8 @@ def self_test():
     assert rewrite_api_versions(err, 3, True) == err
 
     # ApiVersions response header is never flexible, even at v3
-    class G(F):
-        pass
     resp = enc_i32(9) + enc_i16(0) + enc_array_len(1, True) + struct.pack(">hhh", 18, 0, 3) + b"\x00" + enc_i32(0) + b"\x00"
-    out = rewrite_response(resp, API_API_VERSIONS, 3, G)
+    out = rewrite_response(resp, API_API_VERSIONS, 3, F)
     assert out[:4] == enc_i32(9) and b"\x00\x11\x00\x00\x00\x01" in out
 
     # FindCoordinator v0..v4

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# smoke_front.sh [BOOTSTRAP] — proves Tests/support/kafka_front.py with kcat.
+# smoke_front.sh [BOOTSTRAP] — proves Tests/tools/kafka_front.py with kcat.
 #
 # Starts librdkafka's mock cluster (kafka-out dev-cluster; $KAFKA_OUT, default
 # /tmp/front-bin/kafka-out) unless a PLAINTEXT bootstrap list is given, makes test

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# make_test_certs.sh DIR — test certificates for the Kafka TLS front (Tests/support/kafka_front.py).
+# make_test_certs.sh DIR — test certificates for the Kafka TLS front (Tests/tools/kafka_front.py).
 #
 # Creates in DIR (unencrypted PKCS#8 PEM keys, EC P-256, valid 10 years):
 #   ca.pem / ca.key               test CA
