@@ -28,6 +28,11 @@ struct APIError: Error {
     static func unavailable(_ message: String) -> APIError {
         APIError(status: .serviceUnavailable, code: "SERVICE_UNAVAILABLE", message: message, retryAfterSeconds: 1)
     }
+    static func tooManyRequests(retryAfterSeconds: Int) -> APIError {
+        APIError(
+            status: .tooManyRequests, code: "TOO_MANY_REQUESTS",
+            message: "the spool is full; retry after \(retryAfterSeconds) seconds", retryAfterSeconds: retryAfterSeconds)
+    }
     static func internalError(_ message: String) -> APIError {
         APIError(status: .internalServerError, code: "INTERNAL_ERROR", message: message)
     }

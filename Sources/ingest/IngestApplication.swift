@@ -15,7 +15,7 @@ func buildApplication(config: SluiceConfig, sink: some BatchSink, logger: Logger
     router.get("/readyz") { _, _ in
         sink.isReady
             ? Response(status: .ok, headers: [.contentType: "text/plain"], body: .init(byteBuffer: ByteBuffer(string: "ready\n")))
-            : APIError.unavailable("not ready: the router is not connected").response
+            : APIError.unavailable("not ready: the router is not connected or the spool is full").response
     }
     return Application(
         router: router,
@@ -46,12 +46,12 @@ struct IngestAPI<Sink: BatchSink>: Sendable {
             switch await sink.submit(tenant: tenant, batches: batches) {
             case .accepted:
                 return Response(status: .accepted)
+            case .full(let retryAfter):
+                logger.warning("spool full, client told to retry", metadata: ["tenant.id": "\(tenant)"])
+                throw APIError.tooManyRequests(retryAfterSeconds: retryAfter)
             case .unavailable(let why):
                 logger.warning("batch not accepted, client will retry", metadata: ["tenant.id": "\(tenant)", "reason": "\(why)"])
                 throw APIError.unavailable("cannot accept batches right now: \(why)")
-            case .rejected(let why):
-                logger.error("batch refused by the router", metadata: ["tenant.id": "\(tenant)", "reason": "\(why)"])
-                throw APIError.internalError("the batch could not be routed: \(why)")
             }
         } catch let error as APIError {
             return error.response

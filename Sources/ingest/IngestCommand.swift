@@ -16,6 +16,9 @@ struct IngestCommand: AsyncParsableCommand {
     @Option(help: "Listen address HOST:PORT (overrides ingest.listen in the config).")
     var listen: String?
 
+    @Option(help: "Directory of the durable spool (default: $SLUICE_SPOOL_DIR or <run-dir>/spool). Use persistent storage in production.")
+    var spoolDir: String?
+
     func run() async throws {
         let logger = try options.start(process: "ingest")
         var config = try options.loadConfig(logger: logger)
@@ -26,11 +29,18 @@ struct IngestCommand: AsyncParsableCommand {
             config.ingest.host = String(listen[..<colon])
             config.ingest.port = port
         }
-        let link = RouterLink(timeout: .milliseconds(config.ingest.routerTimeoutMilliseconds), logger: logger)
+        let directory =
+            spoolDir ?? ProcessInfo.processInfo.environment["SLUICE_SPOOL_DIR"]
+            ?? (options.runDir as NSString).appendingPathComponent("spool")
+        let spool = try Spool(directory: directory, maxBytes: config.ingest.spoolMaxBytes)
+        logger.info(
+            "spool opened",
+            metadata: ["spool.path": "\(spool.path)", "spool.batches": "\(spool.count)", "spool.bytes": "\(spool.usedBytes)"])
+        let link = RouterLink(spool: spool, logger: logger)
         let client = FrameClient(
             path: options.routerSocketPath, role: .ingest, instance: "ingest-\(ProcessInfo.processInfo.processIdentifier)",
             handler: link, logger: logger)
-        let app = buildApplication(config: config, sink: link, logger: logger)
+        let app = buildApplication(config: config, sink: SpoolingSink(spool: spool, link: link, logger: logger), logger: logger)
         let group = ServiceGroup(
             configuration: .init(
                 services: [.init(service: client), .init(service: app)],

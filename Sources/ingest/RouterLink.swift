@@ -3,7 +3,7 @@ import NIOConcurrencyHelpers
 import NIOCore
 import Shared
 
-/// What ingest does with validated batches: hands them on and reports whether they were taken.
+/// What ingest does with validated batches: stores them and reports whether they were taken.
 protocol BatchSink: Sendable {
     /// Whether batches can be taken now (for `/readyz`).
     var isReady: Bool { get }
@@ -11,60 +11,123 @@ protocol BatchSink: Sendable {
 }
 
 enum SubmitOutcome: Equatable, Sendable {
-    /// Every batch was taken.
+    /// Every batch was stored durably.
     case accepted
-    /// Try again later (router not connected, backlog full, timeout).
+    /// No room to store the batches: try again after `retryAfter` seconds (429).
+    case full(retryAfter: Int)
+    /// Cannot store right now (503).
     case unavailable(String)
-    /// Refused for good (for example a tenant the router does not know).
-    case rejected(String)
 }
 
-/// ingest's connection to the router. Batches are pipelined on one connection; each request waits
-/// only for the acks of its own batches. A lost connection or a timeout answers 503, never 202.
-final class RouterLink: FrameConnectionHandler, BatchSink {
+/// The durable path: a batch is stored in the spool (fsync'd) before the client hears 202, and
+/// then fed to the router.
+struct SpoolingSink: BatchSink {
+    let spool: Spool
+    let link: RouterLink
+    let logger: Logger
+
+    var isReady: Bool { link.isConnected && !spool.isFull }
+
+    func submit(tenant: String, batches: [ValidatedBatch]) async -> SubmitOutcome {
+        do {
+            _ = try await spool.append(tenant: tenant, batches: batches)
+            link.pump()
+            return .accepted
+        } catch Spool.Failure.full {
+            return .full(retryAfter: 5)
+        } catch {
+            logger.error("cannot write to the spool", metadata: ["error": "\(error)"])
+            return .unavailable("the spool cannot be written")
+        }
+    }
+}
+
+/// Feeds the spool to the router over one connection: sends stored batches in order, at most
+/// `window` unfinished at a time, and forgets a batch only when the router reports that every
+/// destination has it (`ack`, with any dead letters). After a reconnect (router or ingest
+/// restarted) everything unfinished is sent again: the router ignores a batch it is already working
+/// on, so only batches a crashed router had not finished can arrive twice at a destination.
+final class RouterLink: FrameConnectionHandler {
     private struct State {
         var peer: FramePeer?
-        var nextID: UInt64 = 1
-        var pending: [UInt64: PendingRequest] = [:]
+        var inFlight: Set<Int64> = []
+        /// The highest id sent on this connection.
+        var cursor: Int64 = 0
+        var pumping = false
+        var pumpAgain = false
+        var paused = false
     }
 
     private let state = NIOLockedValueBox(State())
-    private let timeout: Duration
+    private let spool: Spool
+    private let window: Int
     private let logger: Logger
 
-    init(timeout: Duration, logger: Logger) {
-        self.timeout = timeout
+    init(spool: Spool, window: Int = 1024, logger: Logger) {
+        self.spool = spool
+        self.window = window
         self.logger = logger
     }
 
-    var isReady: Bool { state.withLockedValue { $0.peer != nil } }
+    var isConnected: Bool { state.withLockedValue { $0.peer != nil } }
 
     func connected(_ peer: FramePeer) async {
-        state.withLockedValue { $0.peer = peer }
+        state.withLockedValue { s in
+            s.peer = peer
+            s.inFlight = []
+            s.cursor = 0
+            s.paused = false
+        }
+        pump()
     }
 
     func disconnected(_ peer: FramePeer) async {
-        let orphans: [PendingRequest] = state.withLockedValue { s in
-            guard s.peer == peer else { return [] }
+        state.withLockedValue { s in
+            guard s.peer == peer else { return }
             s.peer = nil
-            var seen = Set<ObjectIdentifier>()
-            let requests = s.pending.values.filter { seen.insert(ObjectIdentifier($0)).inserted }
-            s.pending = [:]
-            return requests
+            s.inFlight = []
         }
-        for r in orphans { r.finish(.unavailable("the router connection was lost")) }
     }
 
     func received(_ frame: Frame, from peer: FramePeer) async throws {
+        let id = Int64(bitPattern: frame.id)
         switch frame.type {
-        case .ack, .nack:
-            guard let request = state.withLockedValue({ $0.pending.removeValue(forKey: frame.id) }) else { return }
-            if frame.type == .ack {
-                request.acknowledged()
-            } else if frame.retryable == true {
-                request.finish(.unavailable(frame.reason ?? "the router cannot take the batch now"))
+        case .ack:
+            var deadLetters: [Spool.DeadLetter] = []
+            if let payload = frame.payload, let dead = try? JSONValue.parse(payload)["dead"]?.arrayValue {
+                deadLetters = dead.map {
+                    Spool.DeadLetter(
+                        destination: $0["destination"]?.stringValue ?? "?", reason: $0["reason"]?.stringValue ?? "",
+                        attempts: Int($0["attempts"].flatMap { if case .number(let n) = $0 { n } else { nil } } ?? "0") ?? 0)
+                }
+                for d in deadLetters {
+                    logger.error(
+                        "batch dead-lettered for a destination",
+                        metadata: ["batch.id": "\(id)", "destination": "\(d.destination)", "reason": "\(d.reason)"])
+                }
+            }
+            spool.complete(id, deadLetters: deadLetters)
+            state.withLockedValue { _ = $0.inFlight.remove(id) }
+            pump()
+        case .nack:
+            let reason = frame.reason ?? "no reason given"
+            if frame.retryable == true {
+                // The router cannot take it now: pause, then send again from this batch on.
+                state.withLockedValue { s in
+                    s.inFlight.remove(id)
+                    s.cursor = min(s.cursor, id - 1)
+                    s.paused = true
+                }
+                Task {
+                    try? await Task.sleep(for: .milliseconds(200))
+                    self.state.withLockedValue { $0.paused = false }
+                    self.pump()
+                }
             } else {
-                request.finish(.rejected(frame.reason ?? "the router refused the batch"))
+                logger.error("the router refused a batch; dead-lettered", metadata: ["batch.id": "\(id)", "reason": "\(reason)"])
+                spool.complete(id, deadLetters: [.init(destination: "*", reason: reason, attempts: 1)])
+                state.withLockedValue { _ = $0.inFlight.remove(id) }
+                pump()
             }
         case .error:
             logger.warning("router reported an error", metadata: ["error.code": "\(frame.code ?? "")", "error": "\(frame.message ?? "")"])
@@ -73,88 +136,55 @@ final class RouterLink: FrameConnectionHandler, BatchSink {
         }
     }
 
-    func submit(tenant: String, batches: [ValidatedBatch]) async -> SubmitOutcome {
-        let request = PendingRequest(count: batches.count)
-        let frames: [Frame]? = state.withLockedValue { s in
-            guard s.peer != nil else { return nil }
-            return batches.map { batch in
-                let id = s.nextID
-                s.nextID += 1
-                s.pending[id] = request
-                var frame = Frame(type: .batch, id: id)
-                frame.tenant = tenant
-                frame.key = batch.mpid
-                frame.payload = batch.bytes
-                return frame
+    /// Sends stored batches that the router has not seen on this connection, up to the window.
+    func pump() {
+        let start = state.withLockedValue { s -> Bool in
+            if s.pumping {
+                s.pumpAgain = true
+                return false
             }
+            s.pumping = true
+            return true
         }
-        guard let frames, let peer = state.withLockedValue({ $0.peer }) else {
-            return .unavailable("not connected to the router")
-        }
-        let ids = frames.map(\.id)
-        peer.send(contentsOf: frames)
-        let timeout = self.timeout
-        let outcome = await withTaskGroup(of: SubmitOutcome?.self) { group in
-            group.addTask { await request.wait() }
-            group.addTask {
-                try? await Task.sleep(for: timeout)
-                return nil
+        guard start else { return }
+        while true {
+            let plan = state.withLockedValue { s -> (FramePeer, Int64, Int)? in
+                guard let peer = s.peer, !s.paused, s.inFlight.count < window else { return nil }
+                return (peer, s.cursor, window - s.inFlight.count)
             }
-            let first = await group.next()!
-            group.cancelAll()
-            return first
-        }
-        if let outcome { return outcome }
-        state.withLockedValue { s in for id in ids { s.pending[id] = nil } }
-        request.finish(.unavailable("the router did not answer in time"))
-        return .unavailable("the router did not answer in time")
-    }
-}
-
-/// One HTTP request's batches in flight: finished when all are acked or the first one fails.
-final class PendingRequest: Sendable {
-    private struct State {
-        var remaining: Int
-        var outcome: SubmitOutcome?
-        var waiter: CheckedContinuation<SubmitOutcome, Never>?
-    }
-
-    private let state: NIOLockedValueBox<State>
-
-    init(count: Int) {
-        state = NIOLockedValueBox(State(remaining: count))
-    }
-
-    func acknowledged() {
-        let resume = state.withLockedValue { s -> (CheckedContinuation<SubmitOutcome, Never>, SubmitOutcome)? in
-            guard s.outcome == nil else { return nil }
-            s.remaining -= 1
-            guard s.remaining == 0 else { return nil }
-            s.outcome = .accepted
-            defer { s.waiter = nil }
-            return s.waiter.map { ($0, .accepted) }
-        }
-        if let (c, o) = resume { c.resume(returning: o) }
-    }
-
-    func finish(_ outcome: SubmitOutcome) {
-        let resume = state.withLockedValue { s -> CheckedContinuation<SubmitOutcome, Never>? in
-            guard s.outcome == nil else { return nil }
-            s.outcome = outcome
-            defer { s.waiter = nil }
-            return s.waiter
-        }
-        resume?.resume(returning: outcome)
-    }
-
-    func wait() async -> SubmitOutcome {
-        await withCheckedContinuation { c in
-            let ready = state.withLockedValue { s -> SubmitOutcome? in
-                if let o = s.outcome { return o }
-                s.waiter = c
-                return nil
+            var sent = false
+            if let (peer, cursor, room) = plan {
+                do {
+                    let batches = try spool.pending(after: cursor, limit: room)
+                    if !batches.isEmpty {
+                        let frames = batches.map { b -> Frame in
+                            var frame = Frame(type: .batch, id: UInt64(bitPattern: b.id))
+                            frame.tenant = b.tenant
+                            frame.key = b.key
+                            frame.payload = b.payload
+                            return frame
+                        }
+                        state.withLockedValue { s in
+                            guard s.peer == peer else { return }
+                            s.cursor = batches.last!.id
+                            s.inFlight.formUnion(batches.map(\.id))
+                        }
+                        peer.send(contentsOf: frames)
+                        sent = true
+                    }
+                } catch {
+                    logger.error("cannot read the spool", metadata: ["error": "\(error)"])
+                }
             }
-            if let ready { c.resume(returning: ready) }
+            let again = state.withLockedValue { s -> Bool in
+                if sent || s.pumpAgain {
+                    s.pumpAgain = false
+                    return true
+                }
+                s.pumping = false
+                return false
+            }
+            if !again { return }
         }
     }
 }

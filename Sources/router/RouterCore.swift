@@ -5,11 +5,21 @@ import Shared
 
 /// The router's state: live output instances, work in flight, and work waiting for an output.
 ///
-/// A batch from ingest becomes one work item per destination. Each item goes to an instance of the
-/// output kind that serves it (by the batch's key, so one user's batches take one path), is retried
-/// with backoff on a retryable nack or when its instance goes away, and is finished on an ack.
+/// A batch from ingest becomes one work item per message per destination. Each item goes to an
+/// instance of the output kind that serves it (by the batch's key, so one user's batches take one
+/// path), is retried with backoff on a retryable nack or when its instance goes away, and is
+/// finished on an ack or a permanent failure. When every item of a batch is finished, ingest gets
+/// the batch's `ack` (with the destinations that dead-lettered it) and forgets it from its spool.
 actor RouterCore {
+    /// A batch from ingest until all its work is finished.
+    struct Progress {
+        var ingest: FramePeer
+        var remaining: Int
+        var dead: [JSONValue] = []
+    }
+
     struct Work {
+        var batchID: UInt64
         var tenant: String
         var destination: String
         var destinationKey: String
@@ -28,6 +38,7 @@ actor RouterCore {
     private var outputs: [PeerRole: [FramePeer]] = [:]
     private var sentSpecs: [UInt64: Set<String>] = [:]
     private var work: [UInt64: Work] = [:]
+    private var progress: [UInt64: Progress] = [:]
     private var waiting: [PeerRole: [UInt64]] = [:]
     private var nextID: UInt64 = 1
     private var roundRobin = 0
@@ -85,6 +96,11 @@ actor RouterCore {
     // MARK: Batches from ingest
 
     func accept(_ frame: Frame, from ingest: FramePeer) {
+        if progress[frame.id] != nil {
+            // Sent again after a reconnect: already being worked on; answer on the new connection.
+            progress[frame.id]?.ingest = ingest
+            return
+        }
         guard let tenant = frame.tenant, let payload = frame.payload else {
             ingest.send(.nack(frame.id, reason: "batch frame without tenant or payload", retryable: false))
             return
@@ -100,6 +116,7 @@ actor RouterCore {
         }
         let receivedAt = Int64(Date().timeIntervalSince1970 * 1000)
         var tree: JSONValue?
+        var items: [Work] = []
         for route in destinations {
             let messages: [ByteBuffer]
             switch route.destination.kind {
@@ -125,16 +142,24 @@ actor RouterCore {
                 messages = output.messages
             }
             for message in messages {
-                let id = nextID
-                nextID += 1
-                work[id] = Work(
-                    tenant: tenant, destination: route.destination.name, destinationKey: route.key,
-                    role: route.destination.role, spec: route.spec, key: frame.key, payload: message)
-                backlogBytes += message.readableBytes
-                dispatch(id)
+                items.append(
+                    Work(
+                        batchID: frame.id, tenant: tenant, destination: route.destination.name, destinationKey: route.key,
+                        role: route.destination.role, spec: route.spec, key: frame.key, payload: message))
             }
         }
-        ingest.send(.ack(frame.id))
+        guard !items.isEmpty else {
+            ingest.send(.ack(frame.id))  // nothing to send anywhere
+            return
+        }
+        progress[frame.id] = Progress(ingest: ingest, remaining: items.count)
+        for item in items {
+            let id = nextID
+            nextID += 1
+            work[id] = item
+            backlogBytes += item.payload.readableBytes
+            dispatch(id)
+        }
     }
 
     private func dispatch(_ id: UInt64) {
@@ -175,7 +200,7 @@ actor RouterCore {
     func outcome(_ frame: Frame, from peer: FramePeer) {
         guard let item = work[frame.id], item.peer == peer else { return }  // stale: already re-dispatched
         if frame.type == .ack {
-            finish(frame.id)
+            finish(frame.id, deadLetter: nil)
             return
         }
         let reason = frame.reason ?? "no reason given"
@@ -193,16 +218,33 @@ actor RouterCore {
                 await self?.retry(frame.id)
             }
         } else {
-            // Permanent failure. The dead-letter store will keep these; until then they are logged.
-            finish(frame.id)
+            // Permanent failure: ingest keeps the batch as a dead letter for this destination.
             logger.error(
-                "delivery failed permanently; batch dropped for this destination",
+                "delivery failed permanently; dead-lettered",
                 metadata: ["tenant.id": "\(item.tenant)", "destination": "\(item.destination)", "error": "\(reason)"])
+            finish(
+                frame.id,
+                deadLetter: .object([
+                    .init("destination", .string(item.destination)), .init("reason", .string(reason)),
+                    .init("attempts", .number(String(item.attempts))),
+                ]))
         }
     }
 
-    private func finish(_ id: UInt64) {
-        if let item = work.removeValue(forKey: id) { backlogBytes -= item.payload.readableBytes }
+    private func finish(_ id: UInt64, deadLetter: JSONValue?) {
+        guard let item = work.removeValue(forKey: id) else { return }
+        backlogBytes -= item.payload.readableBytes
+        guard var p = progress[item.batchID] else { return }
+        p.remaining -= 1
+        if let deadLetter { p.dead.append(deadLetter) }
+        guard p.remaining == 0 else {
+            progress[item.batchID] = p
+            return
+        }
+        progress[item.batchID] = nil
+        var ack = Frame.ack(item.batchID)
+        if !p.dead.isEmpty { ack.payload = JSONValue.object([.init("dead", .array(p.dead))]).jsonBytes }
+        p.ingest.send(ack)
     }
 
     private func retry(_ id: UInt64) {

@@ -205,6 +205,17 @@ final class IngestHTTPTests: XCTestCase, @unchecked Sendable {
         }
     }
 
+    func testSpoolFullIs429WithRetryAfter() async throws {
+        let sink = FakeSink()
+        sink.set(outcome: .full(retryAfter: 5))
+        try await withApp(sink) { client, _ in
+            let r = try await self.post(client, auth: self.basic("acme-key", "acme-secret"), body: self.batch)
+            XCTAssertEqual(r.status, .tooManyRequests)
+            XCTAssertEqual(r.headers[.retryAfter], "5")
+            XCTAssertEqual(try self.errorMessage(r).code, "TOO_MANY_REQUESTS")
+        }
+    }
+
     func testConstantTimeCompare() {
         XCTAssertTrue(Authenticator.constantTimeEquals(Array("abc".utf8), Array("abc".utf8)))
         XCTAssertFalse(Authenticator.constantTimeEquals(Array("abc".utf8), Array("abd".utf8)))

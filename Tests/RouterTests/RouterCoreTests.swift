@@ -41,7 +41,7 @@ final class RouterCoreTests: XCTestCase {
         await core.register(out)
         await core.register(ingest)
         await core.accept(batch(7, key: "42"), from: ingest)
-        XCTAssertEqual(ingest.takeQueued(), [.ack(7)])
+        XCTAssertEqual(ingest.takeQueued(), [], "ingest hears back only when every destination has the batch")
         let sent = out.takeQueued()
         XCTAssertEqual(sent.map(\.type), [.destination, .batch, .destination, .batch])
         XCTAssertEqual(sent[0].destination, sent[1].destination)
@@ -52,9 +52,29 @@ final class RouterCoreTests: XCTestCase {
         // Settings are sent once per connection.
         await core.accept(batch(8, key: "42"), from: ingest)
         XCTAssertEqual(out.takeQueued().map(\.type), [.batch, .batch])
-        for f in batches(sent) { await core.outcome(.ack(f.id), from: out) }
+        await core.outcome(.ack(sent[1].id), from: out)
+        XCTAssertEqual(ingest.takeQueued(), [])
+        await core.outcome(.ack(sent[3].id), from: out)
+        XCTAssertEqual(ingest.takeQueued(), [.ack(7)])
         let backlog = await core.backlog
         XCTAssertEqual(backlog, 2, "the second batch's two items are still in flight")
+    }
+
+    func testABatchSentAgainWhileInProgressIsNotDuplicated() async {
+        let core = RouterCore(config: config, logger: Logger(label: "t"))
+        let out = peer(.kafkaOut, "1")
+        await core.register(out)
+        let oldIngest = peer(.ingest, "in-1")
+        await core.accept(batch(5, key: "k"), from: oldIngest)
+        let sent = batches(out.takeQueued())
+        XCTAssertEqual(sent.count, 2)
+        // ingest restarted and sends its unfinished batches again.
+        let newIngest = peer(.ingest, "in-2")
+        await core.accept(batch(5, key: "k"), from: newIngest)
+        XCTAssertTrue(batches(out.takeQueued()).isEmpty, "no second copy")
+        for f in sent { await core.outcome(.ack(f.id), from: out) }
+        XCTAssertEqual(newIngest.takeQueued(), [.ack(5)], "the answer goes to the current connection")
+        XCTAssertEqual(oldIngest.takeQueued(), [])
     }
 
     func testOneKeyTakesOnePathAndKeylessBatchesSpread() async {
@@ -73,7 +93,7 @@ final class RouterCoreTests: XCTestCase {
         let core = RouterCore(config: config, logger: Logger(label: "t"))
         let ingest = peer(.ingest, "in")
         await core.accept(batch(1, key: "k"), from: ingest)
-        XCTAssertEqual(ingest.takeQueued(), [.ack(1)])
+        XCTAssertEqual(ingest.takeQueued(), [])
         let first = peer(.kafkaOut, "1")
         await core.register(first)
         XCTAssertEqual(batches(first.takeQueued()).count, 2, "waiting work goes to the first output that connects")
@@ -90,6 +110,7 @@ final class RouterCoreTests: XCTestCase {
         }
         let backlog = await core.backlog
         XCTAssertEqual(backlog, 0)
+        XCTAssertEqual(ingest.takeQueued(), [.ack(1)])
     }
 
     func testRetryableNackIsRetriedAndPermanentNackIsNot() async throws {
@@ -109,6 +130,13 @@ final class RouterCoreTests: XCTestCase {
         XCTAssertEqual(again.map(\.id), [sent[0].id], "only the retryable failure is sent again")
         try await Task.sleep(for: .milliseconds(300))
         XCTAssertTrue(batches(out.takeQueued()).isEmpty)
+        await core.outcome(.ack(sent[0].id), from: out)
+        let answer = ingest.takeQueued()
+        XCTAssertEqual(answer.map(\.id), [1])
+        let dead = try JSONValue.parse(XCTUnwrap(answer.first?.payload))["dead"]?.arrayValue
+        XCTAssertEqual(dead?.count, 1)
+        XCTAssertEqual(dead?.first?["reason"], .string("MSG_SIZE_TOO_LARGE"))
+        XCTAssertNotNil(dead?.first?["destination"]?.stringValue)
     }
 
     func testUnknownTenantAndFullBacklogAreNacked() async {
@@ -119,7 +147,7 @@ final class RouterCoreTests: XCTestCase {
         await core.accept(batch(2, key: nil, tenant: "empty"), from: ingest)
         XCTAssertEqual(ingest.takeQueued(), [.ack(2)], "a tenant without destinations is acked")
         await core.accept(batch(3, key: nil, size: 400), from: ingest)
-        XCTAssertEqual(ingest.takeQueued(), [.ack(3)])
+        XCTAssertEqual(ingest.takeQueued(), [])
         await core.accept(batch(4, key: nil, size: 400), from: ingest)
         XCTAssertEqual(ingest.takeQueued(), [.nack(4, reason: "router backlog is full", retryable: true)])
     }

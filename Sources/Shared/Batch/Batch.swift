@@ -27,6 +27,12 @@ public struct ValidatedBatch: Sendable {
     /// The MPID as canonical decimal text (the Kafka partition key); nil when the batch has none.
     public var mpid: String?
     public var eventCount: Int
+
+    public init(bytes: ByteBuffer, mpid: String?, eventCount: Int) {
+        self.bytes = bytes
+        self.mpid = mpid
+        self.eventCount = eventCount
+    }
 }
 
 /// Why a batch was refused. `message` names the field and what is wrong with it.

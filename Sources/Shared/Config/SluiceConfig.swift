@@ -25,8 +25,8 @@ public struct IngestSettings: Sendable, Equatable {
     public var maxBatchBytes = 128 * 1024
     public var maxRequestBytes = 256 * 1024
     public var maxBatchesPerRequest = 100
-    /// How long ingest waits for the router to take a batch before answering 503.
-    public var routerTimeoutMilliseconds = 10_000
+    /// The spool's size limit; beyond it ingest answers 429 and is not ready.
+    public var spoolMaxBytes = 1 << 30
     public init() {}
 }
 
@@ -176,7 +176,7 @@ extension SluiceConfig {
     }
 
     static func parseIngest(_ node: ConfigNode) throws(ConfigError) -> IngestSettings {
-        try node.checkKeys(["listen", "max_batch_bytes", "max_request_bytes", "max_batches_per_request", "router_timeout_ms"])
+        try node.checkKeys(["listen", "max_batch_bytes", "max_request_bytes", "max_batches_per_request", "spool_max_bytes"])
         var s = IngestSettings()
         if let listen = try node.string("listen") {
             guard let colon = listen.lastIndex(of: ":"), let port = Int(listen[listen.index(after: colon)...]),
@@ -188,7 +188,7 @@ extension SluiceConfig {
         s.maxBatchBytes = try node.int("max_batch_bytes", range: 1024...(16 << 20)) ?? s.maxBatchBytes
         s.maxRequestBytes = try node.int("max_request_bytes", range: 1024...(64 << 20)) ?? s.maxRequestBytes
         s.maxBatchesPerRequest = try node.int("max_batches_per_request", range: 1...10_000) ?? s.maxBatchesPerRequest
-        s.routerTimeoutMilliseconds = try node.int("router_timeout_ms", range: 100...600_000) ?? s.routerTimeoutMilliseconds
+        s.spoolMaxBytes = try node.int("spool_max_bytes", range: (1 << 16)...(1 << 50)) ?? s.spoolMaxBytes
         return s
     }
 
