@@ -162,6 +162,7 @@ final class RouterLink: FrameConnectionHandler {
                             frame.tenant = b.tenant
                             frame.key = b.key
                             frame.payload = b.payload
+                            frame.headers = [Header("sluice-batch-id", "\(self.spool.identity)-\(b.id)")]
                             return frame
                         }
                         state.withLockedValue { s in

@@ -52,6 +52,9 @@ final class Spool: Sendable {
     private let state = NIOLockedValueBox(State())
     let maxBytes: Int
     let path: String
+    /// Made once when the spool is created: with a batch's id, it names the batch for good
+    /// (the `sluice-batch-id` Kafka header), across restarts and replays.
+    let identity: String
 
     init(directory: String, maxBytes: Int) throws {
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
@@ -87,8 +90,11 @@ final class Spool: Sendable {
                         failed_at INTEGER NOT NULL
                     );
                     CREATE INDEX IF NOT EXISTS dead_letters_by_destination ON dead_letters (tenant, destination);
+                    CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
                     """)
+            try db.execute(sql: "INSERT OR IGNORE INTO meta (key, value) VALUES ('spool_id', ?)", arguments: [UUID().uuidString.lowercased()])
         }
+        identity = try db.read { db in try String.fetchOne(db, sql: "SELECT value FROM meta WHERE key = 'spool_id'") ?? "" }
         let used = try db.read { db in try Int.fetchOne(db, sql: "SELECT COALESCE(SUM(length(payload)), 0) FROM batches") ?? 0 }
         state.withLockedValue { $0.usedBytes = used }
         for file in [path, path + "-wal", path + "-shm"] where FileManager.default.fileExists(atPath: file) {

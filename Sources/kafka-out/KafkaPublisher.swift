@@ -97,7 +97,9 @@ final class KafkaPublisher: FrameConnectionHandler, Service {
             let failure: KafkaError? = payload.withUnsafeReadableBytes { value in
                 func send(_ key: UnsafeRawBufferPointer?) -> KafkaError? {
                     do throws(KafkaError) {
-                        try producer.produce(topic: destination.topic, key: key, value: value, id: id)
+                        try producer.produce(
+                            topic: destination.topic, key: key, value: value,
+                            headers: frame.headers?.map { ($0.name, $0.value) } ?? [], id: id)
                         return nil
                     } catch { return error }
                 }

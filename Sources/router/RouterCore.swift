@@ -26,6 +26,7 @@ actor RouterCore {
         var role: PeerRole
         var spec: ByteBuffer
         var key: String?
+        var headers: [Header]?
         var payload: ByteBuffer
         var attempts = 0
         var peer: FramePeer?
@@ -119,6 +120,7 @@ actor RouterCore {
         var items: [Work] = []
         for route in destinations {
             let messages: [ByteBuffer]
+            var eventIDs: [String] = []
             switch route.destination.kind {
             case .kafka(let kafka):
                 if tree == nil {
@@ -140,12 +142,16 @@ actor RouterCore {
                         ])
                 }
                 messages = output.messages
+                eventIDs = output.eventIDs
             }
-            for message in messages {
+            for (i, message) in messages.enumerated() {
+                var headers = frame.headers ?? []
+                if i < eventIDs.count { headers.append(Header("sluice-event-id", eventIDs[i])) }
                 items.append(
                     Work(
                         batchID: frame.id, tenant: tenant, destination: route.destination.name, destinationKey: route.key,
-                        role: route.destination.role, spec: route.spec, key: frame.key, payload: message))
+                        role: route.destination.role, spec: route.spec, key: frame.key, headers: headers.isEmpty ? nil : headers,
+                        payload: message))
             }
         }
         guard !items.isEmpty else {
@@ -191,6 +197,7 @@ actor RouterCore {
         frame.tenant = item.tenant
         frame.destination = item.destinationKey
         frame.key = item.key
+        frame.headers = item.headers
         frame.payload = item.payload
         peer.send(frame)
     }

@@ -10,6 +10,7 @@ final class FrameCodecTests: XCTestCase {
         var batch = Frame(type: .batch, id: 42)
         batch.tenant = "demo"
         batch.key = "-9223372036854775808"
+        batch.headers = [Header("sluice-batch-id", "abc-1"), Header("sluice-event-id", "e\"1")]
         batch.payload = ByteBuffer(string: "{\"environment\":\"production\",\"mpid\":-9223372036854775808,\"events\":[]}")
         var nack = Frame.nack(7, reason: "broker said \"no\"\n", retryable: true)
         nack.destination = "demo/events#1"

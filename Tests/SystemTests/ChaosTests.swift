@@ -63,13 +63,16 @@ final class ChaosTests: XCTestCase {
         let (accepted, refused) = ledger.lock.withLock { (ledger.accepted, ledger.refused) }
         XCTAssertGreaterThan(accepted.count, 20, "the load generator got batches through\n\(group.logs())")
         var seen: [Int: Int] = [:]
+        var batchHeaders: [Int: Set<String>] = [:]
         _ = try eventually(timeout: 120) {
             seen = [:]
+            batchHeaders = [:]
             for m in try Kcat.consume(bootstrap: group.bootstrapServers, topic: "chaos") {
                 guard let obj = try? JSONSerialization.jsonObject(with: Data(m.value.utf8)) as? [String: Any],
                     let id = (obj["batch_id"] as? NSNumber)?.intValue
                 else { continue }
                 seen[id, default: 0] += 1
+                batchHeaders[id, default: []].insert(m.header("sluice-batch-id") ?? "none")
             }
             return accepted.isSubset(of: Set(seen.keys))
         }
@@ -77,6 +80,8 @@ final class ChaosTests: XCTestCase {
         XCTAssertTrue(missing.isEmpty, "accepted but lost: \(missing.sorted().prefix(20))\n\(group.logs().suffix(20000))")
         XCTAssertTrue(refused.intersection(seen.keys).isEmpty, "refused but delivered")
         let duplicates = seen.values.filter { $0 > 1 }.count
+        // A duplicate carries the same sluice-batch-id as its original, so consumers can drop it.
+        XCTAssertTrue(batchHeaders.values.allSatisfy { $0.count == 1 && !$0.contains("none") }, "\(batchHeaders.filter { $0.value.count != 1 }.prefix(5))")
         print("chaos: accepted \(accepted.count), refused \(refused.count), unknown \(ledger.unknown.count), delivered \(seen.count) distinct, \(duplicates) duplicated")
     }
 }

@@ -49,6 +49,7 @@ final class ConnectionSettingsSystemTests: XCTestCase {
         let eventless = #"{"environment":"production","mpid":5,"events":[{"event_type":"user_identity_change","data":{"new":{"identity_type":"email","identity":"x@example.com"}}}]}"#
         XCTAssertEqual(try group.post("/v2/events", body: Data(eventless.utf8), user: "acme-key", password: "acme-secret").status, 202)
 
+        var rawInverted: [ConsumedMessage] = []
         func read(_ topic: String, _ count: Int) throws -> [[String: Any]] {
             var messages: [ConsumedMessage] = []
             _ = try eventually(timeout: 60) {
@@ -56,7 +57,11 @@ final class ConnectionSettingsSystemTests: XCTestCase {
                 return messages.count >= count
             }
             XCTAssertEqual(messages.count, count, "\(topic)\n\(group.logs())")
-            for m in messages { XCTAssertNotNil(m.key, "keyed by MPID") }
+            for m in messages {
+                XCTAssertNotNil(m.key, "keyed by MPID")
+                XCTAssertNotNil(m.header("sluice-batch-id"), "every message names its batch")
+            }
+            if topic == "s-inverted" { rawInverted = messages }
             return try messages.sorted { ($0.partition, $0.offset) < ($1.partition, $1.offset) }.map {
                 try JSONSerialization.jsonObject(with: Data($0.value.utf8)) as! [String: Any]
             }
@@ -90,6 +95,10 @@ final class ConnectionSettingsSystemTests: XCTestCase {
             let data = (m["events"] as! [[String: Any]])[0]["data"] as! [String: Any]
             XCTAssertNil(data["location"])
         }
+        // Per-event messages name their event, so consumers can de-duplicate.
+        let eventIDs = rawInverted.compactMap { $0.header("sluice-event-id") }
+        XCTAssertEqual(eventIDs.count, 16)
+        XCTAssertEqual(Set(rawInverted.map { "\($0.header("sluice-batch-id")!)/\($0.header("sluice-event-id")!)" }).count, 16)
         let allTypes = inverted.flatMap(types)
         XCTAssertFalse(allTypes.contains("network_performance"))
         XCTAssertFalse(allTypes.contains("profile"))

@@ -56,6 +56,9 @@ public struct KafkaConnectionSettings: Sendable, Equatable {
 public struct KafkaBatchOutput: Sendable {
     /// The Kafka message payloads, in order (empty when nothing is to be sent).
     public var messages: [ByteBuffer]
+    /// For one message per event: each message's event id (its `source_message_id`, or
+    /// `index:N` for the event's position in the batch). Empty for one message per batch.
+    public var eventIDs: [String] = []
     /// Events dropped because their type is not one the integration forwards.
     public var unsupportedEvents = 0
     /// Events dropped by the settings (network performance, profile, attribute/identity change).
@@ -81,8 +84,9 @@ extension KafkaConnectionSettings {
 
         // Events: supported types only, then the settings' filters, then per-event projections.
         var events: [JSONValue] = []
+        var positions: [Int] = []
         if let i = members.firstIndex(where: { $0.key == "events" }), case .array(let all) = members[i].value {
-            for var event in all {
+            for (position, var event) in all.enumerated() {
                 let type = event["event_type"]?.stringValue ?? ""
                 guard Self.supportedEventTypes.contains(type) else {
                     output.unsupportedEvents += 1
@@ -100,6 +104,7 @@ extension KafkaConnectionSettings {
                     changed = true
                 }
                 events.append(event)
+                positions.append(position)
             }
             members[i].value = .array(events)
         }
@@ -149,6 +154,9 @@ extension KafkaConnectionSettings {
         } else {
             output.messages = events.map { event in
                 JSONValue.object(members.map { $0.key == "events" ? .init("events", .array([event])) : $0 }).jsonBytes
+            }
+            output.eventIDs = zip(events, positions).map { event, position in
+                event["data"]?["source_message_id"]?.stringValue ?? event["source_message_id"]?.stringValue ?? "index:\(position)"
             }
         }
         return output

@@ -26,6 +26,15 @@ public enum PeerRole: String, Sendable, CaseIterable {
     case keenOut = "keen-out"
 }
 
+public struct Header: Sendable, Equatable {
+    public var name: String
+    public var value: String
+    public init(_ name: String, _ value: String) {
+        self.name = name
+        self.value = value
+    }
+}
+
 /// One length-prefixed JSON frame. On the wire: 4-byte big-endian length, then a JSON object.
 /// `payload` is carried as raw embedded JSON (never as an escaped string), so a process that only
 /// forwards it does not rebuild it.
@@ -42,6 +51,8 @@ public struct Frame: Sendable, Equatable {
     public var retryable: Bool?
     public var code: String?
     public var message: String?
+    /// Kafka message headers (name, value), for batches sent to outputs.
+    public var headers: [Header]?
     /// Raw JSON (a batch, or a destination's settings). Must be a valid JSON document.
     public var payload: ByteBuffer?
 
@@ -125,6 +136,16 @@ extension Frame {
         field(",\"reason\":", reason)
         field(",\"code\":", code)
         field(",\"message\":", message)
+        if let headers {
+            out.writeStaticString(",\"headers\":{")
+            for (i, h) in headers.enumerated() {
+                if i > 0 { out.writeInteger(UInt8(ascii: ",")) }
+                JSON.writeString(h.name, into: &out)
+                out.writeInteger(UInt8(ascii: ":"))
+                JSON.writeString(h.value, into: &out)
+            }
+            out.writeInteger(UInt8(ascii: "}"))
+        }
         if let retryable {
             if retryable { out.writeStaticString(",\"retryable\":true") } else { out.writeStaticString(",\"retryable\":false") }
         }
@@ -179,6 +200,16 @@ extension Frame {
                         frame.retryable = value.first == UInt8(ascii: "t")
                     case "payload":
                         frame.payload = body.slice(m.range)
+                    case "headers":
+                        guard JSON.kind(value) == .object, let pairs = try? JSON.members(value) else {
+                            throw FrameError.invalidFrame("'headers' must be an object of strings")
+                        }
+                        frame.headers = try pairs.map { pair in
+                            guard let v = JSON.string(UnsafeRawBufferPointer(rebasing: value[pair.range])) else {
+                                throw FrameError.invalidFrame("header '\(pair.key)' must be a string")
+                            }
+                            return Header(pair.key, v)
+                        }
                     default:
                         continue  // newer peers may add fields
                     }
