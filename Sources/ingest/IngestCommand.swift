@@ -9,7 +9,13 @@ import Shared
 struct IngestCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "ingest",
-        abstract: "HTTP front door: accepts mParticle event batches (POST /v2/events, /v2/bulkevents).")
+        abstract: "HTTP front door: accepts mParticle event batches (POST /v2/events, /v2/bulkevents).",
+        subcommands: [Serve.self, DeadLettersCommand.self],
+        defaultSubcommand: Serve.self)
+}
+
+struct Serve: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Serve HTTP and feed the router (default).")
 
     @OptionGroup var options: CommonOptions
 
@@ -37,6 +43,14 @@ struct IngestCommand: AsyncParsableCommand {
             "spool opened",
             metadata: ["spool.path": "\(spool.path)", "spool.batches": "\(spool.count)", "spool.bytes": "\(spool.usedBytes)"])
         let link = RouterLink(spool: spool, logger: logger)
+        // Picks up batches put back by `ingest dead-letters replay` while ingest is idle.
+        let idlePump = Task {
+            while !Task.isCancelled {
+                try? await Task.sleep(for: .seconds(1))
+                link.pump()
+            }
+        }
+        defer { idlePump.cancel() }
         let client = FrameClient(
             path: options.routerSocketPath, role: .ingest, instance: "ingest-\(ProcessInfo.processInfo.processIdentifier)",
             handler: link, logger: logger)

@@ -162,6 +162,7 @@ final class RouterLink: FrameConnectionHandler {
                             frame.tenant = b.tenant
                             frame.key = b.key
                             frame.payload = b.payload
+                            frame.destination = b.destination
                             frame.headers = [Header("sluice-batch-id", "\(self.spool.identity)-\(b.id)")]
                             return frame
                         }

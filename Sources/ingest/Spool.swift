@@ -10,6 +10,8 @@ struct SpooledBatch: Sendable, Equatable {
     var tenant: String
     var key: String?
     var payload: ByteBuffer
+    /// Set for a replayed dead letter: only this destination gets the batch.
+    var destination: String?
 }
 
 /// ingest's durable spool: every accepted batch is written and fsync'd here before the client gets
@@ -75,7 +77,8 @@ final class Spool: Sendable {
                         tenant TEXT NOT NULL,
                         key TEXT,
                         payload BLOB NOT NULL,
-                        received_at INTEGER NOT NULL
+                        received_at INTEGER NOT NULL,
+                        destination TEXT
                     );
                     CREATE TABLE IF NOT EXISTS dead_letters (
                         id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -128,22 +131,16 @@ final class Spool: Sendable {
         enqueue(.complete(id, deadLetters: deadLetters))
     }
 
-    /// Dead letters, newest first.
-    func deadLetters(limit: Int = 100) throws -> [(tenant: String, destination: String, reason: String, batchID: Int64)] {
-        try db.read { db in
-            try Row.fetchAll(db, sql: "SELECT tenant, destination, reason, batch_id FROM dead_letters ORDER BY id DESC LIMIT ?", arguments: [limit])
-                .map { ($0["tenant"], $0["destination"], $0["reason"], $0["batch_id"]) }
-        }
-    }
-
     /// Up to `limit` stored batches with an id above `after`, oldest first.
     func pending(after: Int64, limit: Int) throws -> [SpooledBatch] {
         try db.read { db in
             try Row.fetchAll(
-                db, sql: "SELECT id, tenant, key, payload FROM batches WHERE id > ? ORDER BY id LIMIT ?", arguments: [after, limit]
+                db, sql: "SELECT id, tenant, key, payload, destination FROM batches WHERE id > ? ORDER BY id LIMIT ?",
+                arguments: [after, limit]
             ).map { row in
                 let data: Data = row["payload"]
-                return SpooledBatch(id: row["id"], tenant: row["tenant"], key: row["key"], payload: ByteBuffer(data: data))
+                return SpooledBatch(
+                    id: row["id"], tenant: row["tenant"], key: row["key"], payload: ByteBuffer(data: data), destination: row["destination"])
             }
         }
     }
@@ -192,7 +189,7 @@ final class Spool: Sendable {
                                 try db.execute(
                                     sql: """
                                         INSERT INTO dead_letters (batch_id, tenant, destination, key, payload, reason, attempts, received_at, failed_at)
-                                        SELECT id, tenant, ?, key, payload, ?, ?, received_at, ? FROM batches WHERE id = ?
+                                        SELECT id, tenant, COALESCE(destination, ?), key, payload, ?, ?, received_at, ? FROM batches WHERE id = ?
                                         """,
                                     arguments: [dead.destination, dead.reason, dead.attempts, now, id])
                             }

@@ -106,9 +106,17 @@ actor RouterCore {
             ingest.send(.nack(frame.id, reason: "batch frame without tenant or payload", retryable: false))
             return
         }
-        guard let destinations = routes[tenant] else {
+        guard var destinations = routes[tenant] else {
             ingest.send(.nack(frame.id, reason: "unknown tenant '\(tenant)'", retryable: false))
             return
+        }
+        if let only = frame.destination {
+            // A replayed dead letter: for that one destination, under its current settings.
+            destinations = destinations.filter { $0.destination.name == only }
+            guard !destinations.isEmpty else {
+                ingest.send(.nack(frame.id, reason: "tenant '\(tenant)' has no destination '\(only)'", retryable: false))
+                return
+            }
         }
         let bytes = payload.readableBytes * destinations.count
         guard work.count + destinations.count <= maxBacklog, backlogBytes + bytes <= maxBacklogBytes else {

@@ -43,7 +43,7 @@ final class SpoolTests: XCTestCase {
         let ids = try await spool.append(tenant: "acme", batches: [batch("{}")])
         spool.complete(ids[0], deadLetters: [.init(destination: "main", reason: "MSG_SIZE_TOO_LARGE: too big", attempts: 1)])
         try await waitFor { spool.usedBytes == 0 }
-        let dead = try spool.deadLetters()
+        let dead = try DeadLetterStore(spoolDirectory: dir).list(.init())
         XCTAssertEqual(dead.count, 1)
         XCTAssertEqual(dead[0].destination, "main")
         XCTAssertEqual(dead[0].reason, "MSG_SIZE_TOO_LARGE: too big")
