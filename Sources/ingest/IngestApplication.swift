@@ -19,6 +19,8 @@ func buildApplication(config: SluiceConfig, sink: some BatchSink, logger: Logger
     }
     return Application(
         router: router,
+        // A connection that sends nothing for 30 s is closed (slow or stuck clients hold no resources).
+        server: .http1(configuration: .init(idleTimeout: .seconds(30))),
         configuration: .init(address: .hostname(config.ingest.host, port: config.ingest.port), serverName: "sluice-ingest"),
         logger: logger)
 }
