@@ -70,15 +70,17 @@ struct DeadLetterStore {
     func replay(_ filter: Filter) throws -> Int {
         let (condition, arguments) = filter.sql
         return try db.write { db in
-            try db.execute(
-                sql: """
-                    INSERT INTO batches (tenant, key, payload, received_at, destination)
-                    SELECT tenant, key, payload, received_at, CASE destination WHEN '*' THEN NULL ELSE destination END
-                    FROM dead_letters WHERE \(condition) ORDER BY id
-                    """, arguments: arguments)
-            let count = db.changesCount
-            try db.execute(sql: "DELETE FROM dead_letters WHERE \(condition)", arguments: arguments)
-            return count
+            let rows = try Row.fetchAll(db, sql: "SELECT * FROM dead_letters WHERE \(condition) ORDER BY id", arguments: arguments)
+            for row in rows {
+                try db.execute(
+                    sql: "INSERT INTO batches (tenant, key, payload, received_at) VALUES (?, ?, ?, ?)",
+                    arguments: [row["tenant"], row["key"], row["payload"], row["received_at"]])
+                try db.execute(
+                    sql: "INSERT INTO deliveries (batch_id, tenant, destination) VALUES (?, ?, ?)",
+                    arguments: [db.lastInsertedRowID, row["tenant"], row["destination"]])
+                try db.execute(sql: "DELETE FROM dead_letters WHERE id = ?", arguments: [row["id"]])
+            }
+            return rows.count
         }
     }
 

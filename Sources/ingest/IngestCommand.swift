@@ -38,11 +38,13 @@ struct Serve: AsyncParsableCommand {
         let directory =
             spoolDir ?? ProcessInfo.processInfo.environment["SLUICE_SPOOL_DIR"]
             ?? (options.runDir as NSString).appendingPathComponent("spool")
-        let spool = try Spool(directory: directory, maxBytes: config.ingest.spoolMaxBytes)
+        let spool = try Spool(
+            directory: directory, maxBytes: config.ingest.spoolMaxBytes,
+            maxBacklogPerDestination: config.ingest.maxBacklogPerDestination)
         logger.info(
             "spool opened",
             metadata: ["spool.path": "\(spool.path)", "spool.batches": "\(spool.count)", "spool.bytes": "\(spool.usedBytes)"])
-        let link = RouterLink(spool: spool, logger: logger)
+        let link = RouterLink(spool: spool, config: config, logger: logger)
         // Picks up batches put back by `ingest dead-letters replay` while ingest is idle.
         let idlePump = Task {
             while !Task.isCancelled {
@@ -54,7 +56,7 @@ struct Serve: AsyncParsableCommand {
         let client = FrameClient(
             path: options.routerSocketPath, role: .ingest, instance: "ingest-\(ProcessInfo.processInfo.processIdentifier)",
             handler: link, logger: logger)
-        let app = buildApplication(config: config, sink: SpoolingSink(spool: spool, link: link, logger: logger), logger: logger)
+        let app = buildApplication(config: config, sink: SpoolingSink(spool: spool, link: link, config: config, logger: logger), logger: logger)
         let group = ServiceGroup(
             configuration: .init(
                 services: [.init(service: client), .init(service: app)],

@@ -19,18 +19,28 @@ enum SubmitOutcome: Equatable, Sendable {
     case unavailable(String)
 }
 
-/// The durable path: a batch is stored in the spool (fsync'd) before the client hears 202, and
-/// then fed to the router.
+/// The durable path: a batch is stored in the spool (fsync'd), with a delivery for each of its
+/// tenant's destinations, before the client hears 202; then it is fed to the router.
 struct SpoolingSink: BatchSink {
     let spool: Spool
     let link: RouterLink
+    let destinations: [String: [String]]
     let logger: Logger
+
+    init(spool: Spool, link: RouterLink, config: SluiceConfig, logger: Logger) {
+        self.spool = spool
+        self.link = link
+        self.logger = logger
+        var map: [String: [String]] = [:]
+        for t in config.tenants { map[t.id] = t.destinations.map(\.name) }
+        destinations = map
+    }
 
     var isReady: Bool { link.isConnected && !spool.isFull }
 
     func submit(tenant: String, batches: [ValidatedBatch]) async -> SubmitOutcome {
         do {
-            _ = try await spool.append(tenant: tenant, batches: batches)
+            _ = try await spool.append(tenant: tenant, destinations: destinations[tenant] ?? [], batches: batches)
             link.pump()
             return .accepted
         } catch Spool.Failure.full {
@@ -42,29 +52,38 @@ struct SpoolingSink: BatchSink {
     }
 }
 
-/// Feeds the spool to the router over one connection: sends stored batches in order, at most
-/// `window` unfinished at a time, and forgets a batch only when the router reports that every
-/// destination has it (`ack`, with any dead letters). After a reconnect (router or ingest
-/// restarted) everything unfinished is sent again: the router ignores a batch it is already working
-/// on, so only batches a crashed router had not finished can arrive twice at a destination.
+/// Feeds the spool to the router over one connection, destination by destination: each
+/// destination's deliveries go in order, at most `window` unfinished at a time, so a destination
+/// that is down holds only its own window and the others keep flowing. A delivery is forgotten
+/// only when the router reports that its destination has the batch (`ack`) or never will (a
+/// dead letter). After a reconnect (router or ingest restarted) everything unfinished is sent
+/// again: the router ignores what it is already working on, so only work a crashed router had not
+/// finished can reach a destination twice.
 final class RouterLink: FrameConnectionHandler {
+    private struct Lane {
+        var inFlight: Set<Int64> = []
+        /// The highest delivery id sent on this connection.
+        var cursor: Int64 = 0
+        var pausedUntil: ContinuousClock.Instant?
+    }
+
     private struct State {
         var peer: FramePeer?
-        var inFlight: Set<Int64> = []
-        /// The highest id sent on this connection.
-        var cursor: Int64 = 0
+        var lanes: [DeliveryTarget: Lane] = [:]
+        var owner: [Int64: DeliveryTarget] = [:]
         var pumping = false
         var pumpAgain = false
-        var paused = false
     }
 
     private let state = NIOLockedValueBox(State())
     private let spool: Spool
+    private let configured: [DeliveryTarget]
     private let window: Int
     private let logger: Logger
 
-    init(spool: Spool, window: Int = 1024, logger: Logger) {
+    init(spool: Spool, config: SluiceConfig, window: Int = 256, logger: Logger) {
         self.spool = spool
+        self.configured = config.tenants.flatMap { t in t.destinations.map { DeliveryTarget(tenant: t.id, destination: $0.name) } }
         self.window = window
         self.logger = logger
     }
@@ -74,9 +93,8 @@ final class RouterLink: FrameConnectionHandler {
     func connected(_ peer: FramePeer) async {
         state.withLockedValue { s in
             s.peer = peer
-            s.inFlight = []
-            s.cursor = 0
-            s.paused = false
+            s.lanes = [:]
+            s.owner = [:]
         }
         pump()
     }
@@ -85,7 +103,8 @@ final class RouterLink: FrameConnectionHandler {
         state.withLockedValue { s in
             guard s.peer == peer else { return }
             s.peer = nil
-            s.inFlight = []
+            s.lanes = [:]
+            s.owner = [:]
         }
     }
 
@@ -93,41 +112,32 @@ final class RouterLink: FrameConnectionHandler {
         let id = Int64(bitPattern: frame.id)
         switch frame.type {
         case .ack:
-            var deadLetters: [Spool.DeadLetter] = []
-            if let payload = frame.payload, let dead = try? JSONValue.parse(payload)["dead"]?.arrayValue {
-                deadLetters = dead.map {
-                    Spool.DeadLetter(
-                        destination: $0["destination"]?.stringValue ?? "?", reason: $0["reason"]?.stringValue ?? "",
-                        attempts: Int($0["attempts"].flatMap { if case .number(let n) = $0 { n } else { nil } } ?? "0") ?? 0)
-                }
-                for d in deadLetters {
-                    logger.error(
-                        "batch dead-lettered for a destination",
-                        metadata: ["batch.id": "\(id)", "destination": "\(d.destination)", "reason": "\(d.reason)"])
-                }
+            var deadLetter: Spool.DeadLetter?
+            if let payload = frame.payload, let dead = try? JSONValue.parse(payload)["dead"]?.arrayValue, !dead.isEmpty {
+                let reasons = dead.compactMap { $0["reason"]?.stringValue }
+                let attempts = dead.compactMap { d -> Int? in if case .number(let n)? = d["attempts"] { Int(n) } else { nil } }.max() ?? 0
+                deadLetter = Spool.DeadLetter(reason: reasons.joined(separator: "; "), attempts: attempts)
+                logger.error("batch dead-lettered for a destination", metadata: ["delivery.id": "\(id)", "reason": "\(deadLetter!.reason)"])
             }
-            spool.complete(id, deadLetters: deadLetters)
-            state.withLockedValue { _ = $0.inFlight.remove(id) }
-            pump()
+            finish(id, deadLetter: deadLetter)
         case .nack:
             let reason = frame.reason ?? "no reason given"
             if frame.retryable == true {
-                // The router cannot take it now: pause, then send again from this batch on.
+                // The router cannot take it now: this destination pauses, then resumes from here.
                 state.withLockedValue { s in
-                    s.inFlight.remove(id)
-                    s.cursor = min(s.cursor, id - 1)
-                    s.paused = true
+                    guard let target = s.owner.removeValue(forKey: id), var lane = s.lanes[target] else { return }
+                    lane.inFlight.remove(id)
+                    lane.cursor = min(lane.cursor, id - 1)
+                    lane.pausedUntil = .now + .milliseconds(200)
+                    s.lanes[target] = lane
                 }
                 Task {
-                    try? await Task.sleep(for: .milliseconds(200))
-                    self.state.withLockedValue { $0.paused = false }
+                    try? await Task.sleep(for: .milliseconds(210))
                     self.pump()
                 }
             } else {
-                logger.error("the router refused a batch; dead-lettered", metadata: ["batch.id": "\(id)", "reason": "\(reason)"])
-                spool.complete(id, deadLetters: [.init(destination: "*", reason: reason, attempts: 1)])
-                state.withLockedValue { _ = $0.inFlight.remove(id) }
-                pump()
+                logger.error("the router refused a batch; dead-lettered", metadata: ["delivery.id": "\(id)", "reason": "\(reason)"])
+                finish(id, deadLetter: .init(reason: reason, attempts: 1))
             }
         case .error:
             logger.warning("router reported an error", metadata: ["error.code": "\(frame.code ?? "")", "error": "\(frame.message ?? "")"])
@@ -136,7 +146,16 @@ final class RouterLink: FrameConnectionHandler {
         }
     }
 
-    /// Sends stored batches that the router has not seen on this connection, up to the window.
+    private func finish(_ id: Int64, deadLetter: Spool.DeadLetter?) {
+        spool.complete(delivery: id, deadLetter: deadLetter)
+        state.withLockedValue { s in
+            if let target = s.owner.removeValue(forKey: id) { s.lanes[target]?.inFlight.remove(id) }
+        }
+        pump()
+    }
+
+    /// Sends waiting deliveries that the router has not seen on this connection, for every
+    /// destination with room in its window.
     func pump() {
         let start = state.withLockedValue { s -> Bool in
             if s.pumping {
@@ -148,29 +167,42 @@ final class RouterLink: FrameConnectionHandler {
         }
         guard start else { return }
         while true {
-            let plan = state.withLockedValue { s -> (FramePeer, Int64, Int)? in
-                guard let peer = s.peer, !s.paused, s.inFlight.count < window else { return nil }
-                return (peer, s.cursor, window - s.inFlight.count)
-            }
             var sent = false
-            if let (peer, cursor, room) = plan {
+            let targets = Set(configured).union(spool.backlog.keys)
+            for target in targets {
+                let plan = state.withLockedValue { s -> (FramePeer, Int64, Int)? in
+                    guard let peer = s.peer else { return nil }
+                    let lane = s.lanes[target] ?? Lane()
+                    if let until = lane.pausedUntil, until > .now { return nil }
+                    guard lane.inFlight.count < window else { return nil }
+                    return (peer, lane.cursor, window - lane.inFlight.count)
+                }
+                guard let (peer, cursor, room) = plan else { continue }
                 do {
-                    let batches = try spool.pending(after: cursor, limit: room)
-                    if !batches.isEmpty {
-                        let frames = batches.map { b -> Frame in
-                            var frame = Frame(type: .batch, id: UInt64(bitPattern: b.id))
-                            frame.tenant = b.tenant
-                            frame.key = b.key
-                            frame.payload = b.payload
-                            frame.destination = b.destination
-                            frame.headers = [Header("sluice-batch-id", "\(self.spool.identity)-\(b.id)")]
-                            return frame
+                    let deliveries = try spool.pending(target, after: cursor, limit: room)
+                    guard !deliveries.isEmpty else { continue }
+                    let frames = deliveries.map { d -> Frame in
+                        var frame = Frame(type: .batch, id: UInt64(bitPattern: d.id))
+                        frame.tenant = d.target.tenant
+                        frame.destination = d.target.destination
+                        frame.key = d.key
+                        frame.payload = d.payload
+                        frame.headers = [Header("sluice-batch-id", "\(self.spool.identity)-\(d.batchID)")]
+                        return frame
+                    }
+                    let current = state.withLockedValue { s -> Bool in
+                        guard s.peer == peer else { return false }
+                        var lane = s.lanes[target] ?? Lane()
+                        lane.cursor = deliveries.last!.id
+                        lane.pausedUntil = nil
+                        for d in deliveries {
+                            lane.inFlight.insert(d.id)
+                            s.owner[d.id] = target
                         }
-                        state.withLockedValue { s in
-                            guard s.peer == peer else { return }
-                            s.cursor = batches.last!.id
-                            s.inFlight.formUnion(batches.map(\.id))
-                        }
+                        s.lanes[target] = lane
+                        return true
+                    }
+                    if current {
                         peer.send(contentsOf: frames)
                         sent = true
                     }

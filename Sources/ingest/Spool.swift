@@ -4,22 +4,32 @@ import NIOConcurrencyHelpers
 import NIOCore
 import Shared
 
-/// A batch kept in the spool until every destination has it.
-struct SpooledBatch: Sendable, Equatable {
+/// One destination's copy of a spooled batch, waiting until that destination has it.
+struct SpooledDelivery: Sendable, Equatable {
+    /// The delivery's own id: the frame id the router acks.
     var id: Int64
-    var tenant: String
+    var batchID: Int64
+    var target: DeliveryTarget
     var key: String?
     var payload: ByteBuffer
-    /// Set for a replayed dead letter: only this destination gets the batch.
-    var destination: String?
+}
+
+/// A tenant's destination, as the spool tracks it.
+struct DeliveryTarget: Hashable, Sendable, CustomStringConvertible {
+    var tenant: String
+    var destination: String
+    var description: String { "\(tenant)/\(destination)" }
 }
 
 /// ingest's durable spool: every accepted batch is written and fsync'd here before the client gets
-/// its 202, and stays until the router reports that every destination has it (or dead-lettered it).
+/// its 202, with one delivery per destination of its tenant. A delivery goes when the router
+/// reports that its destination has the batch (or dead-lettered it); the batch goes with its last
+/// delivery. Destinations advance independently: one that is down keeps its own backlog, capped
+/// (`maxBacklogPerDestination`; beyond it the oldest become dead letters, reason "backlog cap").
 ///
 /// SQLite in WAL mode with `synchronous=FULL` (each commit reaches the disk). Appends from
 /// concurrent requests are grouped: one transaction — one fsync — carries all that arrived while
-/// the previous one was being written. The file is private to the service user (0600).
+/// the previous one was being written. The files are private to the service user (0600).
 final class Spool: Sendable {
     enum Failure: Error, CustomStringConvertible {
         case full(used: Int, limit: Int)
@@ -30,16 +40,15 @@ final class Spool: Sendable {
         }
     }
 
-    /// A destination that will never get a batch, and why.
+    /// Why a destination will never get a batch.
     struct DeadLetter: Sendable, Equatable {
-        var destination: String
         var reason: String
         var attempts: Int
     }
 
     private enum Operation {
-        case append([ValidatedBatch], tenant: String, CheckedContinuation<[Int64], Error>)
-        case complete(Int64, deadLetters: [DeadLetter])
+        case append([ValidatedBatch], tenant: String, destinations: [String], CheckedContinuation<[Int64], Error>)
+        case complete(Int64, deadLetter: DeadLetter?)
     }
 
     private struct State {
@@ -48,20 +57,24 @@ final class Spool: Sendable {
         var usedBytes = 0
         /// Set when a request was refused for lack of room; cleared once usage falls below 90%.
         var refusing = false
+        var backlog: [DeliveryTarget: Int] = [:]
     }
 
     private let db: DatabasePool
     private let state = NIOLockedValueBox(State())
     let maxBytes: Int
+    let maxBacklogPerDestination: Int
     let path: String
     /// Made once when the spool is created: with a batch's id, it names the batch for good
     /// (the `sluice-batch-id` Kafka header), across restarts and replays.
     let identity: String
 
-    init(directory: String, maxBytes: Int) throws {
-        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+    init(directory: String, maxBytes: Int, maxBacklogPerDestination: Int = 100_000) throws {
+        try FileManager.default.createDirectory(
+            atPath: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
         path = (directory as NSString).appendingPathComponent("spool.sqlite")
         self.maxBytes = maxBytes
+        self.maxBacklogPerDestination = maxBacklogPerDestination
         var configuration = Configuration()
         configuration.prepareDatabase { db in
             try db.execute(sql: "PRAGMA synchronous = FULL")
@@ -69,49 +82,69 @@ final class Spool: Sendable {
         let oldMask = umask(0o077)
         defer { umask(oldMask) }
         db = try DatabasePool(path: path, configuration: configuration)
-        try db.write { db in
-            try db.execute(
-                sql: """
-                    CREATE TABLE IF NOT EXISTS batches (
-                        id INTEGER PRIMARY KEY AUTOINCREMENT,
-                        tenant TEXT NOT NULL,
-                        key TEXT,
-                        payload BLOB NOT NULL,
-                        received_at INTEGER NOT NULL,
-                        destination TEXT
-                    );
-                    CREATE TABLE IF NOT EXISTS dead_letters (
-                        id INTEGER PRIMARY KEY AUTOINCREMENT,
-                        batch_id INTEGER NOT NULL,
-                        tenant TEXT NOT NULL,
-                        destination TEXT NOT NULL,
-                        key TEXT,
-                        payload BLOB NOT NULL,
-                        reason TEXT NOT NULL,
-                        attempts INTEGER NOT NULL,
-                        received_at INTEGER NOT NULL,
-                        failed_at INTEGER NOT NULL
-                    );
-                    CREATE INDEX IF NOT EXISTS dead_letters_by_destination ON dead_letters (tenant, destination);
-                    CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-                    """)
-            try db.execute(sql: "INSERT OR IGNORE INTO meta (key, value) VALUES ('spool_id', ?)", arguments: [UUID().uuidString.lowercased()])
-        }
+        try db.write { db in try Spool.createSchema(db) }
         identity = try db.read { db in try String.fetchOne(db, sql: "SELECT value FROM meta WHERE key = 'spool_id'") ?? "" }
         let used = try db.read { db in try Int.fetchOne(db, sql: "SELECT COALESCE(SUM(length(payload)), 0) FROM batches") ?? 0 }
-        state.withLockedValue { $0.usedBytes = used }
+        let backlog = try db.read { db in
+            try Row.fetchAll(db, sql: "SELECT tenant, destination, COUNT(*) AS n FROM deliveries GROUP BY tenant, destination")
+        }
+        state.withLockedValue { s in
+            s.usedBytes = used
+            for row in backlog { s.backlog[DeliveryTarget(tenant: row["tenant"], destination: row["destination"])] = row["n"] }
+        }
         for file in [path, path + "-wal", path + "-shm"] where FileManager.default.fileExists(atPath: file) {
             chmod(file, 0o600)
         }
     }
 
+    static func createSchema(_ db: Database) throws {
+        try db.execute(
+            sql: """
+                CREATE TABLE IF NOT EXISTS batches (
+                    id INTEGER PRIMARY KEY AUTOINCREMENT,
+                    tenant TEXT NOT NULL,
+                    key TEXT,
+                    payload BLOB NOT NULL,
+                    received_at INTEGER NOT NULL
+                );
+                CREATE TABLE IF NOT EXISTS deliveries (
+                    id INTEGER PRIMARY KEY AUTOINCREMENT,
+                    batch_id INTEGER NOT NULL REFERENCES batches(id),
+                    tenant TEXT NOT NULL,
+                    destination TEXT NOT NULL
+                );
+                CREATE INDEX IF NOT EXISTS deliveries_by_destination ON deliveries (tenant, destination, id);
+                CREATE INDEX IF NOT EXISTS deliveries_by_batch ON deliveries (batch_id);
+                CREATE TABLE IF NOT EXISTS dead_letters (
+                    id INTEGER PRIMARY KEY AUTOINCREMENT,
+                    batch_id INTEGER NOT NULL,
+                    tenant TEXT NOT NULL,
+                    destination TEXT NOT NULL,
+                    key TEXT,
+                    payload BLOB NOT NULL,
+                    reason TEXT NOT NULL,
+                    attempts INTEGER NOT NULL,
+                    received_at INTEGER NOT NULL,
+                    failed_at INTEGER NOT NULL
+                );
+                CREATE INDEX IF NOT EXISTS dead_letters_by_destination ON dead_letters (tenant, destination);
+                CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+                """)
+        try db.execute(
+            sql: "INSERT OR IGNORE INTO meta (key, value) VALUES ('spool_id', ?)", arguments: [UUID().uuidString.lowercased()])
+    }
+
     var usedBytes: Int { state.withLockedValue { $0.usedBytes } }
     /// Full: at the limit, or refusing since a request did not fit (until usage falls below 90%).
     var isFull: Bool { state.withLockedValue { $0.refusing || $0.usedBytes >= maxBytes } }
+    /// Destinations with deliveries waiting, and how many.
+    var backlog: [DeliveryTarget: Int] { state.withLockedValue { $0.backlog.filter { $0.value > 0 } } }
 
-    /// Stores the batches durably and returns their ids, in order. Throws `Failure.full` when the
-    /// spool has no room: the client is told to retry later (429), nothing is half-stored.
-    func append(tenant: String, batches: [ValidatedBatch]) async throws -> [Int64] {
+    /// Stores the batches durably, each with a delivery for every one of `destinations`, and
+    /// returns the batch ids in order. Throws `Failure.full` when there is no room: nothing is
+    /// half-stored and the client is told to retry later (429).
+    func append(tenant: String, destinations: [String], batches: [ValidatedBatch]) async throws -> [Int64] {
+        guard !destinations.isEmpty else { return [] }  // nowhere to go: nothing to keep
         let size = batches.reduce(0) { $0 + $1.bytes.readableBytes }
         let maxBytes = self.maxBytes
         let used = state.withLockedValue { s -> Int? in
@@ -121,26 +154,29 @@ final class Spool: Sendable {
         }
         if let used { throw Failure.full(used: used, limit: maxBytes) }
         return try await withCheckedThrowingContinuation { continuation in
-            enqueue(.append(batches, tenant: tenant, continuation))
+            enqueue(.append(batches, tenant: tenant, destinations: destinations, continuation))
         }
     }
 
-    /// Forgets a batch that every destination has, keeping a dead letter (batch, destination,
-    /// reason) for each destination that will never get it.
-    func complete(_ id: Int64, deadLetters: [DeadLetter] = []) {
-        enqueue(.complete(id, deadLetters: deadLetters))
+    /// A destination has the batch of this delivery — or never will (`deadLetter`).
+    func complete(delivery id: Int64, deadLetter: DeadLetter? = nil) {
+        enqueue(.complete(id, deadLetter: deadLetter))
     }
 
-    /// Up to `limit` stored batches with an id above `after`, oldest first.
-    func pending(after: Int64, limit: Int) throws -> [SpooledBatch] {
+    /// Up to `limit` deliveries waiting for `target` with an id above `after`, oldest first.
+    func pending(_ target: DeliveryTarget, after: Int64, limit: Int) throws -> [SpooledDelivery] {
         try db.read { db in
             try Row.fetchAll(
-                db, sql: "SELECT id, tenant, key, payload, destination FROM batches WHERE id > ? ORDER BY id LIMIT ?",
-                arguments: [after, limit]
+                db,
+                sql: """
+                    SELECT d.id, d.batch_id, b.key, b.payload FROM deliveries d JOIN batches b ON b.id = d.batch_id
+                    WHERE d.tenant = ? AND d.destination = ? AND d.id > ? ORDER BY d.id LIMIT ?
+                    """,
+                arguments: [target.tenant, target.destination, after, limit]
             ).map { row in
                 let data: Data = row["payload"]
-                return SpooledBatch(
-                    id: row["id"], tenant: row["tenant"], key: row["key"], payload: ByteBuffer(data: data), destination: row["destination"])
+                return SpooledDelivery(
+                    id: row["id"], batchID: row["batch_id"], target: target, key: row["key"], payload: ByteBuffer(data: data))
             }
         }
     }
@@ -168,52 +204,96 @@ final class Spool: Sendable {
             }
             if operations.isEmpty { return }
             let now = Int64(Date().timeIntervalSince1970 * 1000)
+            let backlogBefore = state.withLockedValue { $0.backlog }
+            let cap = maxBacklogPerDestination
             do {
-                let (ids, delta) = try await db.write { db -> ([[Int64]], Int) in
+                let result = try await db.write { db -> (ids: [[Int64]], bytes: Int, backlog: [DeliveryTarget: Int]) in
                     var ids: [[Int64]] = []
-                    var delta = 0
+                    var bytes = 0
+                    var backlog = backlogBefore
                     for op in operations {
                         switch op {
-                        case .append(let batches, let tenant, _):
+                        case .append(let batches, let tenant, let destinations, _):
                             var these: [Int64] = []
                             for b in batches {
                                 try db.execute(
                                     sql: "INSERT INTO batches (tenant, key, payload, received_at) VALUES (?, ?, ?, ?)",
                                     arguments: [tenant, b.mpid, Data(b.bytes.readableBytesView), now])
-                                these.append(db.lastInsertedRowID)
-                                delta += b.bytes.readableBytes
+                                let batchID = db.lastInsertedRowID
+                                these.append(batchID)
+                                bytes += b.bytes.readableBytes
+                                for d in destinations {
+                                    try db.execute(
+                                        sql: "INSERT INTO deliveries (batch_id, tenant, destination) VALUES (?, ?, ?)",
+                                        arguments: [batchID, tenant, d])
+                                    backlog[DeliveryTarget(tenant: tenant, destination: d), default: 0] += 1
+                                }
                             }
                             ids.append(these)
-                        case .complete(let id, let deadLetters):
-                            for dead in deadLetters {
-                                try db.execute(
-                                    sql: """
-                                        INSERT INTO dead_letters (batch_id, tenant, destination, key, payload, reason, attempts, received_at, failed_at)
-                                        SELECT id, tenant, COALESCE(destination, ?), key, payload, ?, ?, received_at, ? FROM batches WHERE id = ?
-                                        """,
-                                    arguments: [dead.destination, dead.reason, dead.attempts, now, id])
+                            for d in destinations {
+                                let target = DeliveryTarget(tenant: tenant, destination: d)
+                                let excess = (backlog[target] ?? 0) - cap
+                                guard excess > 0 else { continue }
+                                let oldest = try Int64.fetchAll(
+                                    db, sql: "SELECT id FROM deliveries WHERE tenant = ? AND destination = ? ORDER BY id LIMIT ?",
+                                    arguments: [tenant, d, excess])
+                                for delivery in oldest {
+                                    let reason = "backlog cap: \(cap) batches were already waiting for this destination"
+                                    bytes -= try Spool.finish(db, delivery: delivery, deadLetter: DeadLetter(reason: reason, attempts: 0), now: now)
+                                    backlog[target, default: 0] -= 1
+                                }
                             }
-                            let removed = try Int.fetchOne(db, sql: "SELECT length(payload) FROM batches WHERE id = ?", arguments: [id]) ?? 0
-                            try db.execute(sql: "DELETE FROM batches WHERE id = ?", arguments: [id])
-                            delta -= removed
+                        case .complete(let delivery, let deadLetter):
+                            guard
+                                let row = try Row.fetchOne(
+                                    db, sql: "SELECT tenant, destination FROM deliveries WHERE id = ?", arguments: [delivery])
+                            else { continue }  // already finished (a repeated ack)
+                            bytes -= try Spool.finish(db, delivery: delivery, deadLetter: deadLetter, now: now)
+                            let target = DeliveryTarget(tenant: row["tenant"], destination: row["destination"])
+                            // Replays made by `ingest dead-letters` are not counted in: never below 0.
+                            backlog[target] = max(0, (backlog[target] ?? 0) - 1)
                         }
                     }
-                    return (ids, delta)
+                    return (ids, bytes, backlog)
                 }
                 let maxBytes = self.maxBytes
                 state.withLockedValue { s in
-                    s.usedBytes += delta
+                    s.usedBytes += result.bytes
+                    s.backlog = result.backlog
                     if s.refusing && s.usedBytes < maxBytes / 10 * 9 { s.refusing = false }
                 }
-                var next = ids.makeIterator()
+                var next = result.ids.makeIterator()
                 for op in operations {
-                    if case .append(_, _, let continuation) = op { continuation.resume(returning: next.next()!) }
+                    if case .append(_, _, _, let continuation) = op { continuation.resume(returning: next.next()!) }
                 }
             } catch {
                 for op in operations {
-                    if case .append(_, _, let continuation) = op { continuation.resume(throwing: error) }
+                    if case .append(_, _, _, let continuation) = op { continuation.resume(throwing: error) }
                 }
             }
         }
+    }
+
+    /// Removes a delivery (keeping a dead letter if given) and its batch once no delivery needs it.
+    /// Returns the bytes freed.
+    private static func finish(_ db: Database, delivery: Int64, deadLetter: DeadLetter?, now: Int64) throws -> Int {
+        guard let batchID = try Int64.fetchOne(db, sql: "SELECT batch_id FROM deliveries WHERE id = ?", arguments: [delivery]) else {
+            return 0
+        }
+        if let deadLetter {
+            try db.execute(
+                sql: """
+                    INSERT INTO dead_letters (batch_id, tenant, destination, key, payload, reason, attempts, received_at, failed_at)
+                    SELECT b.id, d.tenant, d.destination, b.key, b.payload, ?, ?, b.received_at, ?
+                    FROM deliveries d JOIN batches b ON b.id = d.batch_id WHERE d.id = ?
+                    """,
+                arguments: [deadLetter.reason, deadLetter.attempts, now, delivery])
+        }
+        try db.execute(sql: "DELETE FROM deliveries WHERE id = ?", arguments: [delivery])
+        let remaining = try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM deliveries WHERE batch_id = ?", arguments: [batchID]) ?? 0
+        guard remaining == 0 else { return 0 }
+        let size = try Int.fetchOne(db, sql: "SELECT length(payload) FROM batches WHERE id = ?", arguments: [batchID]) ?? 0
+        try db.execute(sql: "DELETE FROM batches WHERE id = ?", arguments: [batchID])
+        return size
     }
 }

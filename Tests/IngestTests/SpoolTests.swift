@@ -15,52 +15,88 @@ final class SpoolTests: XCTestCase {
     }
 
     func waitFor(_ condition: () -> Bool) async throws {
-        for _ in 0..<200 where !condition() { try await Task.sleep(for: .milliseconds(10)) }
+        for _ in 0..<300 where !condition() { try await Task.sleep(for: .milliseconds(10)) }
     }
 
-    func testStoredBatchesSurviveReopeningInOrderUntilCompleted() async throws {
+    let a = DeliveryTarget(tenant: "acme", destination: "a")
+    let b = DeliveryTarget(tenant: "acme", destination: "b")
+
+    func testStoredBatchesSurviveReopeningUntilEveryDestinationHasThem() async throws {
         var spool: Spool? = try Spool(directory: dir, maxBytes: 1 << 20)
-        let ids = try await spool!.append(tenant: "acme", batches: [batch("{\"a\":1}", mpid: "-9223372036854775808"), batch("{\"b\":2}")])
+        let ids = try await spool!.append(
+            tenant: "acme", destinations: ["a", "b"], batches: [batch("{\"a\":1}", mpid: "-9223372036854775808"), batch("{\"b\":2}")])
         XCTAssertEqual(ids.count, 2)
-        XCTAssertLessThan(ids[0], ids[1])
         spool = nil
-        // Another process (after a crash) finds them, oldest first.
+        // Another process (after a crash) finds them, oldest first, for each destination.
         let reopened = try Spool(directory: dir, maxBytes: 1 << 20)
-        let pending = try reopened.pending(after: 0, limit: 10)
-        XCTAssertEqual(pending.map(\.id), ids)
-        XCTAssertEqual(pending[0].tenant, "acme")
-        XCTAssertEqual(pending[0].key, "-9223372036854775808")
-        XCTAssertEqual(String(buffer: pending[0].payload), "{\"a\":1}")
+        XCTAssertEqual(reopened.backlog, [a: 2, b: 2])
+        let forA = try reopened.pending(a, after: 0, limit: 10)
+        XCTAssertEqual(forA.map(\.batchID), ids)
+        XCTAssertEqual(forA[0].key, "-9223372036854775808")
+        XCTAssertEqual(String(buffer: forA[0].payload), "{\"a\":1}")
         XCTAssertEqual(reopened.usedBytes, 14)
-        reopened.complete(ids[0])
+        // Destination a has the first batch: b still needs it, so its bytes stay.
+        reopened.complete(delivery: forA[0].id)
+        try await waitFor { reopened.backlog[a] == 1 }
+        XCTAssertEqual(reopened.usedBytes, 14)
+        XCTAssertEqual(try reopened.pending(a, after: 0, limit: 10).map(\.batchID), [ids[1]])
+        let forB = try reopened.pending(b, after: 0, limit: 10)
+        reopened.complete(delivery: forB[0].id)
         try await waitFor { reopened.usedBytes == 7 }
-        XCTAssertEqual(try reopened.pending(after: 0, limit: 10).map(\.id), [ids[1]])
-        XCTAssertEqual(try reopened.pending(after: ids[1], limit: 10).count, 0)
+        XCTAssertEqual(reopened.count, 1)
+        // A repeated ack changes nothing.
+        reopened.complete(delivery: forB[0].id)
+        try await Task.sleep(for: .milliseconds(50))
+        XCTAssertEqual(reopened.count, 1)
     }
 
-    func testDeadLettersKeepTheBatchAndTheReason() async throws {
+    func testDeadLettersKeepTheBatchDestinationAndReason() async throws {
         let spool = try Spool(directory: dir, maxBytes: 1 << 20)
-        let ids = try await spool.append(tenant: "acme", batches: [batch("{}")])
-        spool.complete(ids[0], deadLetters: [.init(destination: "main", reason: "MSG_SIZE_TOO_LARGE: too big", attempts: 1)])
+        let ids = try await spool.append(tenant: "acme", destinations: ["a"], batches: [batch("{}")])
+        let d = try spool.pending(a, after: 0, limit: 1)[0]
+        spool.complete(delivery: d.id, deadLetter: .init(reason: "MSG_SIZE_TOO_LARGE: too big", attempts: 1))
         try await waitFor { spool.usedBytes == 0 }
         let dead = try DeadLetterStore(spoolDirectory: dir).list(.init())
         XCTAssertEqual(dead.count, 1)
-        XCTAssertEqual(dead[0].destination, "main")
+        XCTAssertEqual(dead[0].destination, "a")
         XCTAssertEqual(dead[0].reason, "MSG_SIZE_TOO_LARGE: too big")
         XCTAssertEqual(dead[0].batchID, ids[0])
-        XCTAssertTrue(try spool.pending(after: 0, limit: 10).isEmpty)
+        XCTAssertEqual(try DeadLetterStore(spoolDirectory: dir).replay(.init(destination: "a")), 1)
+        XCTAssertEqual(try spool.pending(a, after: 0, limit: 10).count, 1, "replayed for that destination")
+    }
+
+    func testBacklogCapDeadLettersTheOldestOfThatDestinationOnly() async throws {
+        let spool = try Spool(directory: dir, maxBytes: 1 << 20, maxBacklogPerDestination: 3)
+        for i in 0..<5 {
+            _ = try await spool.append(tenant: "acme", destinations: ["a", "b"], batches: [batch("{\"n\":\(i)}")])
+            // b keeps delivering; a is down.
+            for d in try spool.pending(b, after: 0, limit: 10) { spool.complete(delivery: d.id) }
+            try await waitFor { spool.backlog[b] == nil }
+        }
+        XCTAssertEqual(spool.backlog[a], 3)
+        XCTAssertEqual(try spool.pending(a, after: 0, limit: 10).map { String(buffer: $0.payload) }, ["{\"n\":2}", "{\"n\":3}", "{\"n\":4}"])
+        let dead = try DeadLetterStore(spoolDirectory: dir).list(.init())
+        XCTAssertEqual(dead.map(\.destination), ["a", "a"])
+        XCTAssertTrue(dead.allSatisfy { $0.reason.hasPrefix("backlog cap") })
     }
 
     func testFullSpoolRefusesWholeRequests() async throws {
         let spool = try Spool(directory: dir, maxBytes: 1 << 16)
         let big = String(repeating: "x", count: 40_000)
-        _ = try await spool.append(tenant: "t", batches: [batch(big)])
+        _ = try await spool.append(tenant: "t", destinations: ["a"], batches: [batch(big)])
         do {
-            _ = try await spool.append(tenant: "t", batches: [batch(big)])
+            _ = try await spool.append(tenant: "t", destinations: ["a"], batches: [batch(big)])
             XCTFail("should be full")
         } catch Spool.Failure.full {}
         XCTAssertEqual(spool.count, 1, "nothing half-stored")
         XCTAssertTrue(spool.isFull, "refusing until usage falls below 90%")
+    }
+
+    func testTenantWithoutDestinationsStoresNothing() async throws {
+        let spool = try Spool(directory: dir, maxBytes: 1 << 16)
+        let ids = try await spool.append(tenant: "t", destinations: [], batches: [batch("{}")])
+        XCTAssertEqual(ids, [])
+        XCTAssertEqual(spool.count, 0)
     }
 
     func testConcurrentAppendsShareCommitsAndAllGetIDs() async throws {
@@ -68,7 +104,7 @@ final class SpoolTests: XCTestCase {
         let all = try await withThrowingTaskGroup(of: [Int64].self) { group in
             for i in 0..<200 {
                 let b = ValidatedBatch(bytes: ByteBuffer(string: "{\"n\":\(i)}"), mpid: nil, eventCount: 0)
-                group.addTask { try await spool.append(tenant: "t", batches: [b]) }
+                group.addTask { try await spool.append(tenant: "t", destinations: ["a"], batches: [b]) }
             }
             var ids: [Int64] = []
             for try await r in group { ids += r }
@@ -80,7 +116,7 @@ final class SpoolTests: XCTestCase {
 
     func testSpoolFilesArePrivate() async throws {
         let spool = try Spool(directory: dir, maxBytes: 1 << 20)
-        _ = try await spool.append(tenant: "t", batches: [batch("{}")])
+        _ = try await spool.append(tenant: "t", destinations: ["a"], batches: [batch("{}")])
         for file in try FileManager.default.contentsOfDirectory(atPath: dir) {
             let mode = try FileManager.default.attributesOfItem(atPath: dir + "/" + file)[.posixPermissions] as! Int
             XCTAssertEqual(mode & 0o077, 0, "\(file) is private: \(String(mode, radix: 8))")

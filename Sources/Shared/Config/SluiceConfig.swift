@@ -27,6 +27,8 @@ public struct IngestSettings: Sendable, Equatable {
     public var maxBatchesPerRequest = 100
     /// The spool's size limit; beyond it ingest answers 429 and is not ready.
     public var spoolMaxBytes = 1 << 30
+    /// Batches kept waiting for one destination at most; beyond it the oldest are dead-lettered.
+    public var maxBacklogPerDestination = 100_000
     public init() {}
 }
 
@@ -176,7 +178,10 @@ extension SluiceConfig {
     }
 
     static func parseIngest(_ node: ConfigNode) throws(ConfigError) -> IngestSettings {
-        try node.checkKeys(["listen", "max_batch_bytes", "max_request_bytes", "max_batches_per_request", "spool_max_bytes"])
+        try node.checkKeys([
+            "listen", "max_batch_bytes", "max_request_bytes", "max_batches_per_request", "spool_max_bytes",
+            "max_backlog_per_destination",
+        ])
         var s = IngestSettings()
         if let listen = try node.string("listen") {
             guard let colon = listen.lastIndex(of: ":"), let port = Int(listen[listen.index(after: colon)...]),
@@ -189,6 +194,8 @@ extension SluiceConfig {
         s.maxRequestBytes = try node.int("max_request_bytes", range: 1024...(64 << 20)) ?? s.maxRequestBytes
         s.maxBatchesPerRequest = try node.int("max_batches_per_request", range: 1...10_000) ?? s.maxBatchesPerRequest
         s.spoolMaxBytes = try node.int("spool_max_bytes", range: (1 << 16)...(1 << 50)) ?? s.spoolMaxBytes
+        s.maxBacklogPerDestination =
+            try node.int("max_backlog_per_destination", range: 1...100_000_000) ?? s.maxBacklogPerDestination
         return s
     }
 
