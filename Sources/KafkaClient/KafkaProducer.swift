@@ -161,9 +161,8 @@ final class EventQueue: @unchecked Sendable {
                 reports.removeAll(keepingCapacity: true)
                 while let message = rd_kafka_event_message_next(event) {
                     let m = message.pointee
-                    let error: KafkaError? =
-                        m.err == RD_KAFKA_RESP_ERR_NO_ERROR
-                        ? nil : KafkaError(m.err, message: String(cString: rd_kafka_message_errstr(message)))
+                    // Not rd_kafka_message_errstr: for a producer's message it returns the payload.
+                    let error: KafkaError? = m.err == RD_KAFKA_RESP_ERR_NO_ERROR ? nil : KafkaError(m.err)
                     reports.append(
                         DeliveryReport(
                             id: UInt64(UInt(bitPattern: m._private)), error: error, partition: m.partition, offset: m.offset))

@@ -36,7 +36,19 @@ public final class MockCluster: @unchecked Sendable {
         if err != RD_KAFKA_RESP_ERR_NO_ERROR { throw KafkaError(err) }
     }
 
+    /// Takes a broker (or all, with -1) down — connections closed, new ones refused — or up again.
     public func setBroker(_ id: Int32, up: Bool) {
         if up { _ = rd_kafka_mock_broker_set_up(cluster, id) } else { _ = rd_kafka_mock_broker_set_down(cluster, id) }
+    }
+
+    /// Delays every answer of a broker (or all, with -1).
+    public func setRoundTripTime(_ milliseconds: Int, broker: Int32 = -1) {
+        _ = rd_kafka_mock_broker_set_rtt(cluster, broker, Int32(milliseconds))
+    }
+
+    /// Makes the next requests of this API (e.g. 0, Produce) fail with these Kafka error codes.
+    public func pushRequestErrors(apiKey: Int16, errors: [Int32]) {
+        let codes = errors.map { rd_kafka_resp_err_t(rawValue: $0) }
+        codes.withUnsafeBufferPointer { rd_kafka_mock_push_request_errors_array(cluster, apiKey, codes.count, $0.baseAddress) }
     }
 }

@@ -42,9 +42,15 @@ struct DevCluster: AsyncParsableCommand {
         let temporary = file + ".tmp"
         try Data((cluster.bootstrapServers + "\n").utf8).write(to: URL(fileURLWithPath: temporary))
         guard rename(temporary, file) == 0 else { throw ValidationError("cannot write \(file)") }
+        let control = DevClusterControl(
+            path: (options.runDir as NSString).appendingPathComponent("dev-cluster.control"), cluster: cluster, logger: logger)
+        try control.start()
+        defer { control.stop() }
         logger.warning(
             "dev cluster running: librdkafka mock cluster, in memory, PLAINTEXT, for development and tests only",
-            metadata: ["kafka.bootstrap": "\(cluster.bootstrapServers)", "bootstrap.file": "\(file)"])
+            metadata: [
+                "kafka.bootstrap": "\(cluster.bootstrapServers)", "bootstrap.file": "\(file)", "control.socket": "\(control.path)",
+            ])
         let group = ServiceGroup(
             configuration: .init(
                 services: [UntilShutdown()], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))

@@ -25,10 +25,14 @@ struct Run: AsyncParsableCommand {
     @Option(help: "File holding the dev cluster's bootstrap servers (default: <run-dir>/dev-cluster.bootstrap).")
     var devBootstrapFile: String?
 
+    @Option(help: "How long librdkafka may try to deliver a message before reporting it failed (it is then retried, not dropped).")
+    var messageTimeoutMs: Int = 300_000
+
     func run() async throws {
         let logger = try options.start(process: "kafka-out")
         let devFile = devBootstrapFile ?? DevCluster.defaultBootstrapFile(runDir: options.runDir)
-        let publisher = KafkaPublisher(devBootstrapFile: devFile, logger: logger)
+        let publisher = KafkaPublisher(
+            devBootstrapFile: devFile, messageTimeout: .milliseconds(messageTimeoutMs), logger: logger)
         let client = FrameClient(
             path: options.routerSocketPath, role: .kafkaOut,
             instance: instance ?? "kafka-out-\(ProcessInfo.processInfo.processIdentifier)",

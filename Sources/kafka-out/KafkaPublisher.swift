@@ -24,10 +24,12 @@ final class KafkaPublisher: FrameConnectionHandler, Service {
 
     private let state = NIOLockedValueBox(State())
     private let devBootstrapFile: String
+    private let messageTimeout: Duration
     private let logger: Logger
 
-    init(devBootstrapFile: String, logger: Logger) {
+    init(devBootstrapFile: String, messageTimeout: Duration = .seconds(300), logger: Logger) {
         self.devBootstrapFile = devBootstrapFile
+        self.messageTimeout = messageTimeout
         self.logger = logger
     }
 
@@ -156,7 +158,9 @@ final class KafkaPublisher: FrameConnectionHandler, Service {
             }
             bootstrap = text
         }
-        return ProducerConfiguration(destination: d, bootstrapServers: bootstrap)
+        var configuration = ProducerConfiguration(destination: d, bootstrapServers: bootstrap)
+        configuration.messageTimeout = messageTimeout
+        return configuration
     }
 
     private func delivered(_ reports: [DeliveryReport]) {

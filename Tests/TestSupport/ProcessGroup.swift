@@ -24,7 +24,10 @@ public final class ProcessGroup: @unchecked Sendable {
 
     deinit {
         stopAll(signal: SIGKILL)
-        try? FileManager.default.removeItem(atPath: runDir)
+        // SLUICE_KEEP_RUN_DIR=1 keeps logs, spool and sockets for a look after a failure.
+        if ProcessInfo.processInfo.environment["SLUICE_KEEP_RUN_DIR"] == nil {
+            try? FileManager.default.removeItem(atPath: runDir)
+        }
     }
 
     /// Replaces the config file (for configs that need addresses known only after start).
