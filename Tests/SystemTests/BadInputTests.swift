@@ -20,14 +20,7 @@ final class BadInputTests: XCTestCase {
     }
 
     func testCorpusIsRefusedAndNothingBreaks() throws {
-        let group = try ProcessGroup(config: """
-            tenants:
-              acme:
-                api_key: acme-key
-                api_secret: acme-secret
-                destinations:
-                  main: {kind: kafka, bootstrap_servers: dev, plaintext: true, topic: bad-input}
-            """)
+        let group = try ProcessGroup(config: ProcessGroup.acmeConfig(topic: "bad-input"))
         try group.startAll(topics: ["bad-input:1"])
 
         // Slow clients that never finish their request hold no one else up.

@@ -19,14 +19,7 @@ final class ChaosTests: XCTestCase {
     }
 
     func testSIGKILLEachProcessUnderLoadLosesNothingAccepted() throws {
-        let group = try ProcessGroup(config: """
-            tenants:
-              acme:
-                api_key: acme-key
-                api_secret: acme-secret
-                destinations:
-                  main: {kind: kafka, bootstrap_servers: dev, topic: chaos, plaintext: true}
-            """)
+        let group = try ProcessGroup(config: ProcessGroup.acmeConfig(topic: "chaos"))
         try group.startAll(topics: ["chaos:4"])
         let ledger = Ledger()
         let load = Thread {
@@ -98,14 +91,7 @@ final class BrokerOutageTests: XCTestCase {
     }
 
     func startGroup(_ topic: String) throws -> ProcessGroup {
-        let group = try ProcessGroup(config: """
-            tenants:
-              acme:
-                api_key: acme-key
-                api_secret: acme-secret
-                destinations:
-                  main: {kind: kafka, bootstrap_servers: dev, plaintext: true, topic: \(topic)}
-            """)
+        let group = try ProcessGroup(config: ProcessGroup.acmeConfig(topic: topic))
         try group.startDevCluster(topics: ["\(topic):2"])
         try group.start("router")
         // librdkafka gives up on a message after 2 s; Sluice must retry it, not drop it.

@@ -136,15 +136,7 @@ final class PipelineTests: XCTestCase {
     }
 
     func testFullSpoolAnswers429AndRecovers() throws {
-        let group = try ProcessGroup(config: """
-            ingest: {spool_max_bytes: 65536}
-            tenants:
-              acme:
-                api_key: acme-key
-                api_secret: acme-secret
-                destinations:
-                  main: {kind: kafka, bootstrap_servers: dev, topic: acme-events, plaintext: true}
-            """)
+        let group = try ProcessGroup(config: ProcessGroup.acmeConfig(topic: "acme-events", ingest: "{spool_max_bytes: 65536}"))
         try group.startDevCluster(topics: ["acme-events:1"])
         try group.start("router")
         try group.startIngest()  // no kafka-out: nothing leaves the spool

@@ -176,3 +176,19 @@ public func freePort() throws -> Int {
     guard rc == 0 else { throw POSIXError(.EADDRINUSE) }
     return Int(UInt16(bigEndian: addr.sin_port))
 }
+
+extension ProcessGroup {
+    /// A config with one tenant, `acme` (key `acme-key`, secret `acme-secret`), whose one Kafka
+    /// destination `main` writes to `topic` on the dev cluster. `ingest` is an optional flow
+    /// mapping of ingest settings, e.g. `{spool_max_bytes: 65536}`.
+    public static func acmeConfig(topic: String, ingest: String? = nil) -> String {
+        (ingest.map { "ingest: \($0)\n" } ?? "") + """
+            tenants:
+              acme:
+                api_key: acme-key
+                api_secret: acme-secret
+                destinations:
+                  main: {kind: kafka, bootstrap_servers: dev, plaintext: true, topic: \(topic)}
+            """
+    }
+}
