@@ -9,6 +9,8 @@ let package = Package(
         .executable(name: "router", targets: ["router"]),
         .executable(name: "kafka-out", targets: ["kafka-out"]),
         .executable(name: "keen-out", targets: ["keen-out"]),
+        // For the fuzzing package in Fuzz/ (and any tool that wants the frame codec or JSON layer).
+        .library(name: "SluiceShared", targets: ["Shared"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
