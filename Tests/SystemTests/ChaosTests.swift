@@ -141,19 +141,23 @@ final class BrokerOutageTests: XCTestCase {
         // All brokers down for longer than the message timeout.
         XCTAssertEqual(try control(group, "down"), "ok")
         try sender.send(20)
-        Thread.sleep(forTimeInterval: 6)
-        XCTAssertTrue(group.logs().contains("_MSG_TIMED_OUT"), "librdkafka expired messages during the outage")
+        XCTAssertTrue(
+            eventually(timeout: 30) { group.logs().contains("_MSG_TIMED_OUT") }, "librdkafka expired messages during the outage")
+        Thread.sleep(forTimeInterval: 2)
         XCTAssertEqual(try control(group, "up"), "ok")
         try sender.send(10)
         try sender.assertAllArrive()
     }
 
-    func testSlowBrokersLoseNothing() throws {
+    func testSlowBrokersAndDroppedConnectionsLoseNothing() throws {
         let group = try startGroup("slow")
         let sender = Sender(group, "slow")
         try sender.send(5)
         XCTAssertEqual(try control(group, "rtt 300"), "ok")
-        try sender.send(15)
+        try sender.send(10)
+        // The broker drops the connection instead of answering Produce (librdkafka's _TRANSPORT).
+        XCTAssertEqual(try control(group, "errors 0 -195 -195"), "ok")
+        try sender.send(10)
         XCTAssertEqual(try control(group, "rtt 0"), "ok")
         try sender.assertAllArrive()
         XCTAssertEqual(try control(group, "bogus"), "error: unknown command (down, up, rtt MS, errors API_KEY CODE...)")
@@ -161,13 +165,19 @@ final class BrokerOutageTests: XCTestCase {
 
     /// Produce requests failing with NOT_ENOUGH_REPLICAS and REQUEST_TIMED_OUT.
     ///
-    /// Off by default (SLUICE_MOCK_ERROR_TESTS=1 runs it): in about one run in three, 1–2
-    /// messages of one partition are missing from librdkafka 2.0.2's mock cluster although the
-    /// idempotent producer reported them delivered — the spool is then empty, so Sluice acked only
-    /// after a successful delivery report. Under investigation: a mock-cluster limitation with
-    /// injected errors and idempotent sequence numbers is suspected (see the session notes).
+    /// Off by default (SLUICE_MOCK_ERROR_TESTS=1 runs it) because librdkafka 2.0.2's mock cluster
+    /// loses messages here that a real broker would not: an injected error skips one Produce
+    /// request's append, but the mock checks sequence numbers only for transactional producers
+    /// (rdkafka_mock.c, rd_kafka_mock_validate_records), so it appends the next in-flight request;
+    /// the idempotent client then implicitly acks the skipped messages
+    /// (rdkafka_request.c, rd_kafka_handle_idempotent_Produce_success → rd_kafka_dr_implicit_ack).
+    /// A real broker answers OUT_OF_ORDER_SEQUENCE_NUMBER and the client retries. Reproduced with a
+    /// plain C producer and kcat, without Sluice: loss only with idempotence on, requests in flight
+    /// overlapping, and error codes 19, 7 or 6; never with -195 (see the test above).
     func testProduceErrorsLoseNothing() throws {
-        try XCTSkipIf(ProcessInfo.processInfo.environment["SLUICE_MOCK_ERROR_TESTS"] == nil, "mock-cluster limitation under investigation")
+        try XCTSkipIf(
+            ProcessInfo.processInfo.environment["SLUICE_MOCK_ERROR_TESTS"] == nil,
+            "librdkafka's mock cluster loses implicitly acked messages after injected errors (mock-only)")
         let group = try startGroup("errors")
         let sender = Sender(group, "errors")
         try sender.send(5)
