@@ -81,6 +81,7 @@ final class ConfigTests: XCTestCase {
         assertError("tenant: {}\n", contains: ["unknown setting 'tenant'"])
         assertError("ingest: {listen: nope}\ntenants: {}\n", contains: ["ingest.listen", "HOST:PORT"])
         assertError("ingest: {max_batch_bytes: 10}\ntenants: {}\n", contains: ["max_batch_bytes", "between"])
+        assertError("ingest: {max_batch_bytes: 8388608}\ntenants: {}\n", contains: ["max_batch_bytes", "between 1024 and 2097152"])
         assertError("ingest: {max_batch_bytes: lots}\ntenants: {}\n", contains: ["whole number"])
         assertError("tenants: {\"bad id\": {api_key: k, api_secret: s}}\n", contains: ["tenant 'bad id'"])
         assertError("tenants: {t1: {api_secret: s}}\n", contains: ["tenant 't1'", "'api_key'", "required"])

@@ -190,7 +190,8 @@ extension SluiceConfig {
             s.host = String(listen[..<colon])
             s.port = port
         }
-        s.maxBatchBytes = try node.int("max_batch_bytes", range: 1024...(16 << 20)) ?? s.maxBatchBytes
+        // A batch travels in one frame between processes (at most 4 MiB with its envelope).
+        s.maxBatchBytes = try node.int("max_batch_bytes", range: 1024...(2 << 20)) ?? s.maxBatchBytes
         s.maxRequestBytes = try node.int("max_request_bytes", range: 1024...(64 << 20)) ?? s.maxRequestBytes
         s.maxBatchesPerRequest = try node.int("max_batches_per_request", range: 1...10_000) ?? s.maxBatchesPerRequest
         s.spoolMaxBytes = try node.int("spool_max_bytes", range: (1 << 16)...(1 << 50)) ?? s.spoolMaxBytes
