@@ -57,10 +57,29 @@ struct Serve: AsyncParsableCommand {
             path: options.routerSocketPath, role: .ingest, instance: "ingest-\(ProcessInfo.processInfo.processIdentifier)",
             handler: link, logger: logger)
         let app = buildApplication(config: config, sink: SpoolingSink(spool: spool, link: link, config: config, logger: logger), logger: logger)
+        // Shutdown runs in reverse: HTTP stops accepting, then in-flight deliveries get up to 10 s
+        // for their acks, then the router connection closes. What is unanswered stays in the spool.
+        let drain = DrainOnShutdown(link: link, bound: .seconds(10), logger: logger)
         let group = ServiceGroup(
             configuration: .init(
-                services: [.init(service: client), .init(service: app)],
+                services: [.init(service: client), .init(service: drain), .init(service: app)],
                 gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
         try await group.run()
+    }
+}
+
+/// On graceful shutdown, waits (up to `bound`) for the router to answer what it was sent.
+struct DrainOnShutdown: Service {
+    let link: RouterLink
+    let bound: Duration
+    let logger: Logger
+
+    func run() async throws {
+        try? await gracefulShutdown()
+        let deadline = ContinuousClock.now + bound
+        while link.inFlight > 0 && link.isConnected && ContinuousClock.now < deadline {
+            try? await Task.sleep(for: .milliseconds(20))
+        }
+        logger.info("ingest stopping", metadata: ["deliveries.unanswered": "\(link.inFlight)"])
     }
 }

@@ -90,6 +90,9 @@ final class RouterLink: FrameConnectionHandler {
 
     var isConnected: Bool { state.withLockedValue { $0.peer != nil } }
 
+    /// Deliveries sent to the router and not yet answered.
+    var inFlight: Int { state.withLockedValue { s in s.lanes.values.reduce(0) { $0 + $1.inFlight.count } } }
+
     func connected(_ peer: FramePeer) async {
         state.withLockedValue { s in
             s.peer = peer

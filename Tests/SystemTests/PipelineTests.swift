@@ -188,6 +188,7 @@ final class PipelineTests: XCTestCase {
             XCTAssertEqual(group.stop(name, signal: SIGTERM), 0, "\(name) exits cleanly on SIGTERM\n\(group.logs())")
         }
         XCTAssertFalse(FileManager.default.fileExists(atPath: group.runDir + "/router.sock"), "the router removes its socket")
+        XCTAssertTrue(group.logs().contains("ingest stopping deliveries.unanswered=0"), "ingest waited for the router's answers")
     }
 
     func testInvalidConfigIsRefusedAtStartWithAPreciseMessage() throws {
