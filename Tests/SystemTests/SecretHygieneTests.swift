@@ -37,7 +37,13 @@ final class SecretHygieneTests: XCTestCase {
         answers.append(try group.post("/v2/events", body: Data("{bad".utf8), user: "acme-key", password: apiSecret).body)
         // Wait until the bad destination has been tried and failed (its key cannot be loaded).
         XCTAssertTrue(eventually(timeout: 30) { group.logs().contains("delivery failed") }, group.logs())
-        XCTAssertEqual(try Kcat.consume(bootstrap: group.bootstrapServers, topic: "ok-events").count, 1)
+        // The healthy destination delivers on its own lane, whatever the broken one does.
+        var delivered = 0
+        _ = try eventually(timeout: 60) {
+            delivered = try Kcat.consume(bootstrap: group.bootstrapServers, topic: "ok-events").count
+            return delivered >= 1
+        }
+        XCTAssertEqual(delivered, 1)
 
         let basic = Data("acme-key:\(apiSecret)".utf8).base64EncodedString()
         let haystack = group.logs() + answers.joined(separator: "\n")
