@@ -5,7 +5,8 @@
 #      units and stub executables (/usr/local/bin/ingest …, /bin/sh, /bin/kill), so verify can
 #      check ExecStart paths without Sluice being installed. verify exits 0 even on parse errors
 #      ("Unknown key", "Failed to parse …, ignoring"), so any line it prints is a failure here.
-#   2. The output templates' sh wrapper: instance N → `--instance KIND-N` and metrics port
+#   2. sluice.sysusers, applied with systemd-sysusers to a scratch root, creates user and group.
+#   3. The output templates' sh wrapper: instance N → `--instance KIND-N` and metrics port
 #      BASE + N; a bad instance (0, 02, 100, abc, empty) exits 64 without starting anything.
 #
 # Usage: Tests/tools/validate_systemd.sh [UNIT_DIR]   (default: deploy/systemd)
@@ -51,6 +52,19 @@ for u in "${units[@]}"; do
         ok "systemd-analyze verify $u"
     fi
 done
+
+# The sysusers.d file creates the user the units run as.
+if [ -e "$unit_dir/sluice.sysusers" ]; then
+    mkdir -p "$root/sysusers/etc"
+    out="$(systemd-sysusers --root="$root/sysusers" "$unit_dir/sluice.sysusers" 2>&1)"
+    if [ $? -eq 0 ] && grep -q '^sluice:.*:/usr/sbin/nologin$' "$root/sysusers/etc/passwd" 2>/dev/null &&
+        grep -q '^sluice:' "$root/sysusers/etc/group" 2>/dev/null; then
+        ok "systemd-sysusers sluice.sysusers creates user and group sluice"
+    else
+        fail "systemd-sysusers sluice.sysusers"
+        printf '%s\n' "$out" | sed 's/^/      /'
+    fi
+fi
 
 # The wrapper of each template, run with `echo` in place of the binary.
 wrapper() { # FILE: the sh -c script of its ExecStart, systemd's $$ unescaped
