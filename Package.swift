@@ -21,6 +21,7 @@ let package = Package(
         .package(url: "https://github.com/jpsim/Yams.git", from: "6.2.2"),
         .package(url: "https://github.com/adam-fowler/compress-nio.git", from: "1.5.0"),
         .package(url: "https://github.com/groue/GRDB.swift.git", from: "7.10.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
     ],
     targets: [
         // C system libraries (Debian: librdkafka-dev, libcurl4-openssl-dev).
@@ -36,6 +37,7 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "UnixSignals", package: "swift-service-lifecycle"),
                 .product(name: "Yams", package: "Yams"),
             ]
         ),
@@ -47,19 +49,30 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // Prometheus metrics and the small /metrics + /healthz listener every process serves.
+        .target(
+            name: "Observability",
+            dependencies: [
+                .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            ]
+        ),
 
         .executableTarget(
             name: "ingest",
             dependencies: [
-                "Shared",
+                "Shared", "Observability",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "CompressNIO", package: "compress-nio"),
                 .product(name: "GRDB", package: "GRDB.swift"),
             ]
         ),
-        .executableTarget(name: "router", dependencies: ["Shared"]),
-        .executableTarget(name: "kafka-out", dependencies: ["Shared", "KafkaClient"]),
-        .executableTarget(name: "keen-out", dependencies: ["Shared", "CCurl"]),
+        .executableTarget(name: "router", dependencies: ["Shared", "Observability"]),
+        .executableTarget(name: "kafka-out", dependencies: ["Shared", "KafkaClient", "Observability"]),
+        .executableTarget(name: "keen-out", dependencies: ["Shared", "CCurl", "Observability"]),
 
         .testTarget(
             name: "SharedTests",

@@ -22,6 +22,7 @@ public final class KafkaProducer: @unchecked Sendable {
 
     public init(
         configuration: ProducerConfiguration, logger: Logger,
+        onStatistics: (@Sendable (ProducerStatistics) -> Void)? = nil,
         onDelivery: @escaping @Sendable ([DeliveryReport]) -> Void
     ) throws(KafkaError) {
         self.configuration = configuration
@@ -34,7 +35,7 @@ public final class KafkaProducer: @unchecked Sendable {
                 throw .configuration("librdkafka rejected \(key)=\(shown): \(errorText(errstr))")
             }
         }
-        rd_kafka_conf_set_events(conf, RD_KAFKA_EVENT_DR | RD_KAFKA_EVENT_LOG | RD_KAFKA_EVENT_ERROR)
+        rd_kafka_conf_set_events(conf, RD_KAFKA_EVENT_DR | RD_KAFKA_EVENT_LOG | RD_KAFKA_EVENT_ERROR | RD_KAFKA_EVENT_STATS)
         guard let rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, &errstr, errstr.count) else {
             // On failure the configuration object is still ours.
             rd_kafka_conf_destroy(conf)
@@ -43,7 +44,7 @@ public final class KafkaProducer: @unchecked Sendable {
         handle = rk
         let queue = rd_kafka_queue_get_main(rk)!
         rd_kafka_set_log_queue(rk, queue)
-        events = EventQueue(queue: queue, logger: logger, onDelivery: onDelivery)
+        events = EventQueue(queue: queue, logger: logger, onStatistics: onStatistics, onDelivery: onDelivery)
         events.start()
     }
 
@@ -127,13 +128,18 @@ final class EventQueue: @unchecked Sendable {
     let queue: OpaquePointer
     private let logger: Logger
     private let onDelivery: @Sendable ([DeliveryReport]) -> Void
+    private let onStatistics: (@Sendable (ProducerStatistics) -> Void)?
     private let lock = NSLock()
     private var stopping = false
     private var fatal: KafkaError?
     private let stopped = DispatchSemaphore(value: 0)
 
-    init(queue: OpaquePointer, logger: Logger, onDelivery: @escaping @Sendable ([DeliveryReport]) -> Void) {
+    init(
+        queue: OpaquePointer, logger: Logger, onStatistics: (@Sendable (ProducerStatistics) -> Void)?,
+        onDelivery: @escaping @Sendable ([DeliveryReport]) -> Void
+    ) {
         self.queue = queue
+        self.onStatistics = onStatistics
         self.logger = logger
         self.onDelivery = onDelivery
     }
@@ -185,6 +191,12 @@ final class EventQueue: @unchecked Sendable {
                 logger.log(
                     level: isFatal ? .error : .warning, "kafka client error",
                     metadata: ["kafka.error": "\(error.name)", "kafka.message": "\(error.message)", "kafka.fatal": "\(isFatal)"])
+            case RD_KAFKA_EVENT_STATS:
+                if let onStatistics, let json = rd_kafka_event_stats(event),
+                    let stats = ProducerStatistics(json: Data(bytes: json, count: strlen(json)))
+                {
+                    onStatistics(stats)
+                }
             default:
                 break
             }

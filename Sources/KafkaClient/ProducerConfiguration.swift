@@ -48,6 +48,8 @@ public struct ProducerConfiguration: Sendable, Equatable, Hashable {
     public var linger: Duration = .milliseconds(5)
     public var queueMaxMessages = 100_000
     public var queueMaxKilobytes = 64 * 1024
+    /// How often librdkafka reports its statistics (queue depth, broker round trips); 0 = never.
+    public var statisticsInterval: Duration = .seconds(5)
 
     public init(bootstrapServers: String, securityProtocol: SecurityProtocol, sasl: SASL? = nil, tls: TLS = TLS()) {
         self.bootstrapServers = bootstrapServers
@@ -78,6 +80,7 @@ public struct ProducerConfiguration: Sendable, Equatable, Hashable {
             ("queue.buffering.max.kbytes", String(queueMaxKilobytes)),
             // librdkafka's log lines go to the event queue and are read by our poll thread.
             ("log.queue", "true"),
+            ("statistics.interval.ms", Self.milliseconds(statisticsInterval)),
             ("security.protocol", securityProtocol.rawValue),
         ]
         if securityProtocol != .plaintext {

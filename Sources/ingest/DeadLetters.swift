@@ -50,7 +50,9 @@ struct DeadLetterStore {
         guard FileManager.default.fileExists(atPath: path) else {
             throw ValidationError("no spool at \(path) (see --spool-dir)")
         }
-        db = try DatabaseQueue(path: path)
+        var configuration = Configuration()
+        configuration.busyMode = .timeout(10)  // ingest writes the same file
+        db = try DatabaseQueue(path: path, configuration: configuration)
     }
 
     func list(_ filter: Filter, limit: Int = 1000) throws -> [Entry] {

@@ -2,16 +2,20 @@ import CompressNIO
 import Hummingbird
 import Logging
 import NIOCore
+import Observability
 import Shared
 
 /// Builds ingest's HTTP application. `IngestCommand` runs it; tests drive the same one.
-func buildApplication(config: SluiceConfig, sink: some BatchSink, logger: Logger) -> some ApplicationProtocol {
+func buildApplication(
+    config: SluiceConfig, tenants: Tenants? = nil, sink: some BatchSink, logger: Logger
+) -> some ApplicationProtocol {
     let router = Router()
-    let api = IngestAPI(
-        authenticator: Authenticator(tenants: config.tenants), settings: config.ingest, sink: sink, logger: logger)
+    let api = IngestAPI(tenants: tenants ?? Tenants(config), settings: config.ingest, sink: sink, logger: logger)
     router.post("/v2/events") { request, _ in await api.handle(request, bulk: false) }
     router.post("/v2/bulkevents") { request, _ in await api.handle(request, bulk: true) }
-    router.get("/healthz") { _, _ in Response(status: .ok, headers: [.contentType: "text/plain"], body: .init(byteBuffer: ByteBuffer(string: "ok\n"))) }
+    addObservabilityRoutes(to: router)
+    IngestMetrics.shared.spoolLimit.set(Double(config.ingest.spoolMaxBytes))
+    Metrics.onScrape { IngestMetrics.shared.ready.set(to: sink.isReady ? 1.0 : 0.0) }
     router.get("/readyz") { _, _ in
         sink.isReady
             ? Response(status: .ok, headers: [.contentType: "text/plain"], body: .init(byteBuffer: ByteBuffer(string: "ready\n")))
@@ -27,14 +31,17 @@ func buildApplication(config: SluiceConfig, sink: some BatchSink, logger: Logger
 
 /// The Events API handlers: authenticate, read the body (gzip allowed), validate, hand on, answer.
 struct IngestAPI<Sink: BatchSink>: Sendable {
-    let authenticator: Authenticator
+    let tenants: Tenants
     let settings: IngestSettings
     let sink: Sink
     let logger: Logger
+    let metrics = IngestMetrics.shared
 
     func handle(_ request: Request, bulk: Bool) async -> Response {
+        let stopwatch = Stopwatch()
+        defer { stopwatch.record(into: metrics.duration(bulk: bulk)) }
         do {
-            let tenant = try authenticator.tenant(authorization: request.headers[.authorization])
+            let tenant = try tenants.authenticator.tenant(authorization: request.headers[.authorization])
             let body = try await readBody(request)
             let validator = BatchValidator(maxBatchBytes: settings.maxBatchBytes)
             let batches: [ValidatedBatch]
@@ -47,6 +54,9 @@ struct IngestAPI<Sink: BatchSink>: Sendable {
             }
             switch await sink.submit(tenant: tenant, batches: batches) {
             case .accepted:
+                metrics.batchesAccepted.increment(by: Int64(batches.count))
+                metrics.eventsAccepted.increment(by: Int64(batches.reduce(0) { $0 + $1.eventCount }))
+                metrics.bytesAccepted.increment(by: Int64(batches.reduce(0) { $0 + $1.bytes.readableBytes }))
                 return Response(status: .accepted)
             case .full(let retryAfter):
                 logger.warning("spool full, client told to retry", metadata: ["tenant.id": "\(tenant)"])
@@ -56,8 +66,10 @@ struct IngestAPI<Sink: BatchSink>: Sendable {
                 throw APIError.unavailable("cannot accept batches right now: \(why)")
             }
         } catch let error as APIError {
+            metrics.rejected(error.code).increment()
             return error.response
         } catch {
+            metrics.rejected("INTERNAL_ERROR").increment()
             return APIError.internalError("unexpected error").response
         }
     }

@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import Hummingbird
 import Logging
+import Observability
 import ServiceLifecycle
 import Shared
 
@@ -10,7 +11,7 @@ struct IngestCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "ingest",
         abstract: "HTTP front door: accepts mParticle event batches (POST /v2/events, /v2/bulkevents).",
-        subcommands: [Serve.self, DeadLettersCommand.self],
+        subcommands: [Serve.self, StatusCommand.self, DeadLettersCommand.self],
         defaultSubcommand: Serve.self)
 }
 
@@ -44,7 +45,24 @@ struct Serve: AsyncParsableCommand {
         logger.info(
             "spool opened",
             metadata: ["spool.path": "\(spool.path)", "spool.batches": "\(spool.count)", "spool.bytes": "\(spool.usedBytes)"])
-        let link = RouterLink(spool: spool, config: config, logger: logger)
+        let tenants = Tenants(config)
+        let link = RouterLink(spool: spool, tenants: tenants, logger: logger)
+        let metrics = IngestMetrics.shared
+        Metrics.onScrape {
+            metrics.spoolBytes.set(Double(spool.usedBytes))
+            metrics.spoolPending.set(Double(spool.backlog.values.reduce(0, +)))
+            metrics.routerConnected.set(to: link.isConnected ? 1.0 : 0.0)
+        }
+        let startup = config
+        let watcher = ConfigWatcher(path: options.config, initial: config, logger: logger) { new in
+            tenants.update(new)
+            link.pump()
+            if new.ingest != startup.ingest {
+                logger.warning("ingest settings (listen, limits) changed: they take effect at the next restart")
+            }
+        } observe: { applied in
+            ConfigMetrics.record(applied: applied)
+        }
         // Picks up batches put back by `ingest dead-letters replay` while ingest is idle.
         let idlePump = Task {
             while !Task.isCancelled {
@@ -56,13 +74,15 @@ struct Serve: AsyncParsableCommand {
         let client = FrameClient(
             path: options.routerSocketPath, role: .ingest, instance: "ingest-\(ProcessInfo.processInfo.processIdentifier)",
             handler: link, logger: logger)
-        let app = buildApplication(config: config, sink: SpoolingSink(spool: spool, link: link, config: config, logger: logger), logger: logger)
+        let app = buildApplication(
+            config: config, tenants: tenants, sink: SpoolingSink(spool: spool, link: link, tenants: tenants, logger: logger),
+            logger: logger)
         // Shutdown runs in reverse: HTTP stops accepting, then in-flight deliveries get up to 10 s
         // for their acks, then the router connection closes. What is unanswered stays in the spool.
         let drain = DrainOnShutdown(link: link, bound: .seconds(10), logger: logger)
         let group = ServiceGroup(
             configuration: .init(
-                services: [.init(service: client), .init(service: drain), .init(service: app)],
+                services: [.init(service: client), .init(service: drain), .init(service: watcher), .init(service: app)],
                 gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
         try await group.run()
     }

@@ -24,23 +24,16 @@ enum SubmitOutcome: Equatable, Sendable {
 struct SpoolingSink: BatchSink {
     let spool: Spool
     let link: RouterLink
-    let destinations: [String: [String]]
+    let tenants: Tenants
     let logger: Logger
 
-    init(spool: Spool, link: RouterLink, config: SluiceConfig, logger: Logger) {
-        self.spool = spool
-        self.link = link
-        self.logger = logger
-        var map: [String: [String]] = [:]
-        for t in config.tenants { map[t.id] = t.destinations.map(\.name) }
-        destinations = map
-    }
-
-    var isReady: Bool { link.isConnected && !spool.isFull }
+    /// Ready: the router is connected and has an instance of every output kind the config needs,
+    /// and the spool has room.
+    var isReady: Bool { link.isConnected && link.outputsReady && !spool.isFull }
 
     func submit(tenant: String, batches: [ValidatedBatch]) async -> SubmitOutcome {
         do {
-            _ = try await spool.append(tenant: tenant, destinations: destinations[tenant] ?? [], batches: batches)
+            _ = try await spool.append(tenant: tenant, destinations: tenants.destinations(of: tenant), batches: batches)
             link.pump()
             return .accepted
         } catch Spool.Failure.full {
@@ -73,22 +66,26 @@ final class RouterLink: FrameConnectionHandler {
         var owner: [Int64: DeliveryTarget] = [:]
         var pumping = false
         var pumpAgain = false
+        /// What the router last said about its outputs.
+        var outputsReady = false
     }
 
     private let state = NIOLockedValueBox(State())
     private let spool: Spool
-    private let configured: [DeliveryTarget]
+    private let tenants: Tenants
     private let window: Int
     private let logger: Logger
+    private let metrics = IngestMetrics.shared
 
-    init(spool: Spool, config: SluiceConfig, window: Int = 256, logger: Logger) {
+    init(spool: Spool, tenants: Tenants, window: Int = 256, logger: Logger) {
         self.spool = spool
-        self.configured = config.tenants.flatMap { t in t.destinations.map { DeliveryTarget(tenant: t.id, destination: $0.name) } }
+        self.tenants = tenants
         self.window = window
         self.logger = logger
     }
 
     var isConnected: Bool { state.withLockedValue { $0.peer != nil } }
+    var outputsReady: Bool { state.withLockedValue { $0.peer != nil && $0.outputsReady } }
 
     /// Deliveries sent to the router and not yet answered.
     var inFlight: Int { state.withLockedValue { s in s.lanes.values.reduce(0) { $0 + $1.inFlight.count } } }
@@ -108,6 +105,7 @@ final class RouterLink: FrameConnectionHandler {
             s.peer = nil
             s.lanes = [:]
             s.owner = [:]
+            s.outputsReady = false
         }
     }
 
@@ -121,6 +119,7 @@ final class RouterLink: FrameConnectionHandler {
                 let attempts = dead.compactMap { d -> Int? in if case .number(let n)? = d["attempts"] { Int(n) } else { nil } }.max() ?? 0
                 deadLetter = Spool.DeadLetter(reason: reasons.joined(separator: "; "), attempts: attempts)
                 logger.error("batch dead-lettered for a destination", metadata: ["delivery.id": "\(id)", "reason": "\(deadLetter!.reason)"])
+                metrics.deadLettered.increment()
             }
             finish(id, deadLetter: deadLetter)
         case .nack:
@@ -140,8 +139,12 @@ final class RouterLink: FrameConnectionHandler {
                 }
             } else {
                 logger.error("the router refused a batch; dead-lettered", metadata: ["delivery.id": "\(id)", "reason": "\(reason)"])
+                metrics.deadLettered.increment()
                 finish(id, deadLetter: .init(reason: reason, attempts: 1))
             }
+        case .outputs:
+            let ready = frame.payload.flatMap { try? JSONValue.parse($0)["ready"] } == .bool(true)
+            state.withLockedValue { $0.outputsReady = ready }
         case .error:
             logger.warning("router reported an error", metadata: ["error.code": "\(frame.code ?? "")", "error": "\(frame.message ?? "")"])
         default:
@@ -171,7 +174,8 @@ final class RouterLink: FrameConnectionHandler {
         guard start else { return }
         while true {
             var sent = false
-            let targets = Set(configured).union(spool.backlog.keys)
+            // Destinations removed by a reload keep draining what the spool holds for them.
+            let targets = Set(tenants.targets).union(spool.backlog.keys)
             for target in targets {
                 let plan = state.withLockedValue { s -> (FramePeer, Int64, Int)? in
                     guard let peer = s.peer else { return nil }

@@ -76,6 +76,8 @@ final class Spool: Sendable {
         self.maxBytes = maxBytes
         self.maxBacklogPerDestination = maxBacklogPerDestination
         var configuration = Configuration()
+        // Operator commands (dead-letters replay/purge, status) use the same file: wait for them.
+        configuration.busyMode = .timeout(10)
         configuration.prepareDatabase { db in
             try db.execute(sql: "PRAGMA synchronous = FULL")
         }

@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import KafkaClient
 import Logging
+import Observability
 import ServiceLifecycle
 import Shared
 
@@ -28,6 +29,9 @@ struct Run: AsyncParsableCommand {
     @Option(help: "How long librdkafka may try to deliver a message before reporting it failed (it is then retried, not dropped).")
     var messageTimeoutMs: Int = 300_000
 
+    @Option(help: "Serve Prometheus metrics and /healthz on HOST:PORT (e.g. 127.0.0.1:9102). Off when not given.")
+    var metricsListen: String?
+
     func run() async throws {
         let logger = try options.start(process: "kafka-out")
         let devFile = devBootstrapFile ?? DevCluster.defaultBootstrapFile(runDir: options.runDir)
@@ -37,9 +41,13 @@ struct Run: AsyncParsableCommand {
             path: options.routerSocketPath, role: .kafkaOut,
             instance: instance ?? "kafka-out-\(ProcessInfo.processInfo.processIdentifier)",
             handler: publisher, logger: logger)
+        var services: [ServiceGroupConfiguration.ServiceConfiguration] = [.init(service: client), .init(service: publisher)]
+        if let metricsListen {
+            services.append(.init(service: try metricsListener(address: metricsListen, process: "kafka-out", logger: logger)))
+        }
         let group = ServiceGroup(
             configuration: .init(
-                services: [.init(service: client), .init(service: publisher)],
+                services: services,
                 gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
         try await group.run()
     }

@@ -3,6 +3,8 @@ import KafkaClient
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
+import Observability
+import Prometheus
 import ServiceLifecycle
 import Shared
 
@@ -18,6 +20,7 @@ final class KafkaPublisher: FrameConnectionHandler, Service {
     private struct State {
         var destinations: [String: KafkaDestination] = [:]
         var producers: [ProducerConfiguration: KafkaProducer] = [:]
+        var statistics: [ObjectIdentifier: ProducerStatistics] = [:]
         var inFlight: [UInt64: InFlight] = [:]
         var nextID: UInt64 = 1
     }
@@ -26,6 +29,7 @@ final class KafkaPublisher: FrameConnectionHandler, Service {
     private let devBootstrapFile: String
     private let messageTimeout: Duration
     private let logger: Logger
+    private let metrics = KafkaOutMetrics()
 
     init(devBootstrapFile: String, messageTimeout: Duration = .seconds(300), logger: Logger) {
         self.devBootstrapFile = devBootstrapFile
@@ -53,8 +57,11 @@ final class KafkaPublisher: FrameConnectionHandler, Service {
     func received(_ frame: Frame, from peer: FramePeer) async throws {
         switch frame.type {
         case .destination:
-            guard let key = frame.destination, let payload = frame.payload else {
-                throw FrameError.invalidFrame("destination frame without key or payload")
+            guard let key = frame.destination else { throw FrameError.invalidFrame("destination frame without key") }
+            guard let payload = frame.payload else {
+                // The router no longer uses this destination (a reload changed or removed it).
+                forget(key)
+                return
             }
             let spec = try KafkaDestination(wireJSON: try JSONValue.parse(payload))
             state.withLockedValue { $0.destinations[key] = spec }
@@ -62,7 +69,7 @@ final class KafkaPublisher: FrameConnectionHandler, Service {
             try await publish(frame, peer: peer)
         case .error:
             logger.warning("router reported an error", metadata: ["error.code": "\(frame.code ?? "")", "error": "\(frame.message ?? "")"])
-        case .hello, .ack, .nack:
+        case .hello, .ack, .nack, .outputs, .status:
             throw FrameError.invalidFrame("unexpected \(frame.type.rawValue) frame")
         }
     }
@@ -134,15 +141,55 @@ final class KafkaPublisher: FrameConnectionHandler, Service {
         producerLogger[metadataKey: "kafka.bootstrap"] = "\(configuration.bootstrapServers)"
         producerLogger[metadataKey: "kafka.security_protocol"] = "\(configuration.securityProtocol.rawValue)"
         producerLogger[metadataKey: "kafka.sasl_mechanism"] = "\(configuration.sasl?.mechanism.rawValue ?? "-")"
-        let producer = try KafkaProducer(configuration: configuration, logger: producerLogger) { [weak self] reports in
-            self?.delivered(reports)
-        }
+        let box = NIOLockedValueBox<ObjectIdentifier?>(nil)
+        let producer = try KafkaProducer(
+            configuration: configuration, logger: producerLogger,
+            onStatistics: { [weak self] stats in
+                guard let id = box.withLockedValue({ $0 }) else { return }
+                self?.statistics(stats, producer: id)
+            },
+            onDelivery: { [weak self] reports in self?.delivered(reports) })
+        box.withLockedValue { $0 = ObjectIdentifier(producer) }
         producerLogger.info("kafka producer created")
-        return state.withLockedValue { s in
-            if let p = s.producers[configuration], p.fatalError == nil { return p }
+        let (chosen, count) = state.withLockedValue { s in
+            if let p = s.producers[configuration], p.fatalError == nil { return (p, s.producers.count) }
             s.producers[configuration] = producer
-            return producer
+            return (producer, s.producers.count)
         }
+        metrics.producers.set(Double(count))
+        return chosen
+    }
+
+    /// Drops a destination the router no longer uses, and closes the producers no remaining
+    /// destination needs (after their messages are delivered or reported).
+    private func forget(_ key: String) {
+        let unused: [KafkaProducer] = state.withLockedValue { s in
+            s.destinations[key] = nil
+            let needed = Set(s.destinations.values.compactMap { try? producerConfiguration(for: $0) })
+            let unused = s.producers.filter { !needed.contains($0.key) }
+            for (configuration, producer) in unused {
+                s.producers[configuration] = nil
+                s.statistics[ObjectIdentifier(producer)] = nil
+            }
+            return Array(unused.values)
+        }
+        metrics.producers.set(Double(state.withLockedValue { $0.producers.count }))
+        guard !unused.isEmpty else { return }
+        logger.info("closing producers no destination uses", metadata: ["producers": "\(unused.count)"])
+        Thread.detachNewThread {
+            for p in unused { _ = p.flush(timeout: .seconds(30)) }
+            // The producers are destroyed when the last reference (this closure's) goes.
+        }
+    }
+
+    private func statistics(_ stats: ProducerStatistics, producer: ObjectIdentifier) {
+        let all = state.withLockedValue { s -> [ProducerStatistics] in
+            s.statistics[producer] = stats
+            return Array(s.statistics.values)
+        }
+        metrics.queued.set(Double(all.reduce(0) { $0 + $1.queuedMessages }))
+        metrics.rttAverage.set(all.map(\.brokerRoundTripAverage).max() ?? 0)
+        metrics.rttP99.set(all.map(\.brokerRoundTripP99).max() ?? 0)
     }
 
     func producerConfiguration(for d: KafkaDestination) throws(KafkaError) -> ProducerConfiguration {
@@ -168,15 +215,34 @@ final class KafkaPublisher: FrameConnectionHandler, Service {
             reports.compactMap { r in s.inFlight.removeValue(forKey: r.id).map { ($0, r) } }
         }
         var byPeer: [FramePeer: [Frame]] = [:]
+        var failed = 0
         for (flight, report) in outcomes {
             let frame: Frame
             if let error = report.error {
                 frame = .nack(flight.routerID, reason: error.description, retryable: error.isRetriable)
+                failed += 1
             } else {
                 frame = .ack(flight.routerID)
             }
             byPeer[flight.peer, default: []].append(frame)
         }
         for (peer, frames) in byPeer { peer.send(contentsOf: frames) }
+        metrics.delivered.increment(by: Int64(outcomes.count - failed))
+        if failed > 0 { metrics.failed.increment(by: Int64(failed)) }
     }
+}
+
+/// kafka-out's Prometheus metrics.
+struct KafkaOutMetrics: Sendable {
+    let delivered = Metrics.counter(
+        "sluice_kafka_out_messages_total", "Messages Kafka confirmed (delivered) or reported failed.", [("outcome", "delivered")])
+    let failed = Metrics.counter(
+        "sluice_kafka_out_messages_total", "Messages Kafka confirmed (delivered) or reported failed.", [("outcome", "failed")])
+    let producers = Metrics.gauge("sluice_kafka_out_producers", "Kafka producers open (one per cluster and credentials).")
+    let queued = Metrics.gauge(
+        "sluice_kafka_out_queue_messages", "Messages in librdkafka's queues, not yet confirmed (from its statistics).")
+    let rttAverage = Metrics.gauge(
+        "sluice_kafka_out_broker_rtt_average_seconds", "The slowest broker's average request round trip (librdkafka statistics).")
+    let rttP99 = Metrics.gauge(
+        "sluice_kafka_out_broker_rtt_p99_seconds", "The slowest broker's p99 request round trip (librdkafka statistics).")
 }

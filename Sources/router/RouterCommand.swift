@@ -1,5 +1,6 @@
 import ArgumentParser
 import Logging
+import Observability
 import ServiceLifecycle
 import Shared
 
@@ -10,6 +11,9 @@ struct RouterCommand: AsyncParsableCommand {
         abstract: "Routes accepted batches to each tenant's destinations through the output processes.")
 
     @OptionGroup var options: CommonOptions
+
+    @Option(help: "Serve Prometheus metrics and /healthz on HOST:PORT (e.g. 127.0.0.1:9101). Off when not given.")
+    var metricsListen: String?
 
     @Flag(help: "Only check the config file: print a summary (or the error) and exit (0 valid, 78 invalid).")
     var check = false
@@ -32,9 +36,20 @@ struct RouterCommand: AsyncParsableCommand {
         let logger = try options.start(process: "router")
         let config = try options.loadConfig(logger: logger)
         let core = RouterCore(config: config, logger: logger)
-        let server = FrameServer(path: options.routerSocketPath, handler: RouterHandler(core: core), logger: logger)
+        let watcher = ConfigWatcher(path: options.config, initial: config, logger: logger) { config in
+            await core.apply(config)
+        } observe: { applied in
+            ConfigMetrics.record(applied: applied)
+        }
+        await core.setRefresh { await watcher.reload(reason: "unknown destination", force: false) }
+        let server = FrameServer(
+            path: options.routerSocketPath, handler: RouterHandler(core: core, watcher: watcher), logger: logger)
+        var services: [ServiceGroupConfiguration.ServiceConfiguration] = [.init(service: server), .init(service: watcher)]
+        if let metricsListen {
+            services.append(.init(service: try metricsListener(address: metricsListen, process: "router", logger: logger)))
+        }
         let group = ServiceGroup(
-            configuration: .init(services: [server], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+            configuration: .init(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
         logger.info("router starting", metadata: ["tenants": "\(config.tenants.count)"])
         try await group.run()
     }

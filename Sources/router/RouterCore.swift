@@ -3,15 +3,21 @@ import Logging
 import NIOCore
 import Shared
 
-/// The router's state: live output instances, work in flight, and work waiting for an output.
+/// The router's state: the routes of the running config, live output instances, work in flight,
+/// and work waiting for an output.
 ///
-/// A batch from ingest becomes one work item per message per destination. Each item goes to an
-/// instance of the output kind that serves it (by the batch's key, so one user's batches take one
-/// path), is retried with backoff on a retryable nack or when its instance goes away, and is
-/// finished on an ack or a permanent failure. When every item of a batch is finished, ingest gets
-/// the batch's `ack` (with the destinations that dead-lettered it) and forgets it from its spool.
+/// A batch from ingest (one delivery: the batch for one destination) becomes one work item per
+/// message. Each item goes to an instance of the output kind that serves it, is retried with
+/// backoff on a retryable nack or when its instance goes away, and is finished on an ack or a
+/// permanent failure. When every item of a delivery is finished, ingest gets its `ack` (with the
+/// dead letters, if any) and forgets it from its spool.
+///
+/// Order per user: items with a key (the MPID) stick to the instance that has that key's earlier
+/// items in flight; only when none is in flight does the key go where rendezvous hashing over
+/// the live instances puts it. So a change of the set of instances never lets a later batch of a
+/// user overtake an earlier one, and a stable set keeps every user on one instance.
 actor RouterCore {
-    /// A batch from ingest until all its work is finished.
+    /// A delivery from ingest until all its work is finished.
     struct Progress {
         var ingest: FramePeer
         var remaining: Int
@@ -20,8 +26,7 @@ actor RouterCore {
 
     struct Work {
         var batchID: UInt64
-        var tenant: String
-        var destination: String
+        var route: RouteID
         var destinationKey: String
         var role: PeerRole
         var spec: ByteBuffer
@@ -30,41 +35,144 @@ actor RouterCore {
         var payload: ByteBuffer
         var attempts = 0
         var peer: FramePeer?
+        var sentAt = ContinuousClock.now
+    }
+
+    /// A tenant's destination as routed: its settings, and the wire key output processes know it by.
+    struct Route {
+        var destination: Destination
+        var key: String
+        var spec: ByteBuffer
+        var generation: Int
+        /// Removed by a reload: kept only to finish the backlog ingest still holds for it.
+        var removed = false
+    }
+
+    struct RouteID: Hashable, Comparable {
+        var tenant: String
+        var destination: String
+        static func < (a: RouteID, b: RouteID) -> Bool { (a.tenant, a.destination) < (b.tenant, b.destination) }
+    }
+
+    private struct Affinity: Hashable {
+        var role: PeerRole
+        var key: String
     }
 
     nonisolated let logger: Logger
-    private var config: SluiceConfig
-    /// Per tenant: its destinations with their wire keys and settings payloads, computed once.
-    private var routes: [String: [(destination: Destination, key: String, spec: ByteBuffer)]] = [:]
+    private var routes: [String: [String: Route]] = [:]
     private var outputs: [PeerRole: [FramePeer]] = [:]
+    private var ingests: [FramePeer] = []
     private var sentSpecs: [UInt64: Set<String>] = [:]
     private var work: [UInt64: Work] = [:]
     private var progress: [UInt64: Progress] = [:]
     private var waiting: [PeerRole: [UInt64]] = [:]
+    /// For each key with unfinished items: the instance they went to and how many there are.
+    private var affinity: [Affinity: (peer: FramePeer?, count: Int)] = [:]
     private var nextID: UInt64 = 1
     private var roundRobin = 0
-    /// Work held at most (items and payload bytes); beyond it ingest is told to retry later (503).
+    private var stats: [RouteID: RouteStats] = [:]
+    /// Unfinished work items per destination key.
+    private var keyUse: [String: Int] = [:]
+    let metrics = RouterMetrics()
+    /// Re-reads the config file (used when ingest names a destination this router does not know yet:
+    /// ingest may have reloaded a moment earlier).
+    var refreshConfig: (@Sendable () async -> Void)?
+    /// Work held at most (items and payload bytes); beyond it ingest is told to retry later.
     let maxBacklog: Int
     let maxBacklogBytes: Int
     private var backlogBytes = 0
 
     init(config: SluiceConfig, logger: Logger, maxBacklog: Int = 100_000, maxBacklogBytes: Int = 64 << 20) {
-        self.config = config
         self.logger = logger
         self.maxBacklog = maxBacklog
         self.maxBacklogBytes = maxBacklogBytes
+        // An actor's init cannot call its methods; `install` is written for both uses.
+        let (installed, _) = Self.install(config, over: [:], logger: logger)
+        routes = installed
+    }
+
+    func setRefresh(_ refresh: @escaping @Sendable () async -> Void) { refreshConfig = refresh }
+
+    // MARK: Config
+
+    /// Applies a reloaded config: batches routed from now on use it; work already routed finishes
+    /// with the settings it was routed under; a removed destination stays known (marked removed)
+    /// so its backlog still drains.
+    func apply(_ config: SluiceConfig) {
+        let (installed, changes) = Self.install(config, over: routes, logger: logger)
+        routes = installed
+        if !changes.isEmpty {
+            logger.notice("routes changed", metadata: ["changes": "\(changes.joined(separator: ", "))"])
+        }
+        announceOutputs()
+        for key in Set(sentSpecs.values.flatMap { $0 }) { retireIfUnused(key) }
+    }
+
+    /// Tells the outputs to forget a destination key that no route uses any more and no work
+    /// needs, so they can close what only it used (producers, connections).
+    private func retireIfUnused(_ key: String) {
+        guard keyUse[key] == nil else { return }
+        let current = routes.values.contains { $0.values.contains { $0.key == key && !$0.removed } }
+        guard !current else { return }
+        var forget = Frame(type: .destination)
+        forget.destination = key
+        for peer in outputs.values.flatMap({ $0 }) where sentSpecs[peer.connectionID]?.contains(key) == true {
+            peer.send(forget)
+            sentSpecs[peer.connectionID]?.remove(key)
+        }
+    }
+
+    private static func install(
+        _ config: SluiceConfig, over old: [String: [String: Route]], logger: Logger
+    ) -> ([String: [String: Route]], [String]) {
+        var new: [String: [String: Route]] = [:]
+        var changes: [String] = []
         for tenant in config.tenants {
-            routes[tenant.id] = tenant.destinations.map { d in
-                (d, d.wireKey(tenant: tenant.id, generation: 1), d.wireJSON.jsonBytes)
-            }
+            var table: [String: Route] = [:]
             for d in tenant.destinations {
+                let previous = old[tenant.id]?[d.name]
+                if let previous, previous.destination == d, !previous.removed {
+                    table[d.name] = previous
+                    continue
+                }
+                let generation = (previous?.generation ?? 0) + 1
+                table[d.name] = Route(
+                    destination: d, key: d.wireKey(tenant: tenant.id, generation: generation), spec: d.wireJSON.jsonBytes,
+                    generation: generation)
+                changes.append("\(tenant.id)/\(d.name) \(previous == nil ? "added" : "changed")")
                 if case .kafka(let k) = d.kind, k.plaintext {
                     logger.warning(
                         "destination uses PLAINTEXT Kafka (development only: no encryption, no authentication)",
                         metadata: ["tenant.id": "\(tenant.id)", "destination": "\(d.name)"])
                 }
             }
+            new[tenant.id] = table
         }
+        for (tenant, table) in old {
+            for (name, var route) in table where new[tenant]?[name] == nil {
+                if !route.removed { changes.append("\(tenant)/\(name) removed") }
+                route.removed = true
+                new[tenant, default: [:]][name] = route
+            }
+        }
+        return (new, changes)
+    }
+
+    /// Every output kind the active routes need has a live instance.
+    var outputsReady: Bool {
+        let needed = Set(routes.values.flatMap { $0.values.filter { !$0.removed }.map(\.destination.role) })
+        return needed.allSatisfy { !(outputs[$0] ?? []).isEmpty }
+    }
+
+    private func announceOutputs() {
+        guard !ingests.isEmpty else { return }
+        var frame = Frame(type: .outputs)
+        frame.payload = JSONValue.object([
+            .init("ready", .bool(outputsReady)),
+            .init("outputs", .object(outputs.keys.sorted { $0.rawValue < $1.rawValue }.map { .init($0.rawValue, .number(String(outputs[$0]!.count))) })),
+        ]).jsonBytes
+        for ingest in ingests { ingest.send(frame) }
     }
 
     // MARK: Peers
@@ -72,9 +180,20 @@ actor RouterCore {
     func register(_ peer: FramePeer) {
         guard let role = peer.role else { return }
         logger.info("peer connected", metadata: ["peer.role": "\(role.rawValue)", "peer.instance": "\(peer.instance ?? "")"])
-        guard role != .ingest else { return }
+        switch role {
+        case .admin:
+            return
+        case .ingest:
+            ingests.append(peer)
+            announceOutputs()
+            return
+        case .kafkaOut, .keenOut:
+            break
+        }
         outputs[role, default: []].append(peer)
+        metrics.outputs(role).set(Double(outputs[role]!.count))
         sentSpecs[peer.connectionID] = []
+        announceOutputs()
         let queued = waiting[role] ?? []
         waiting[role] = []
         for id in queued { dispatch(id) }
@@ -82,11 +201,24 @@ actor RouterCore {
 
     func unregister(_ peer: FramePeer) {
         guard let role = peer.role else { return }
+        switch role {
+        case .admin:
+            return
+        case .ingest:
+            logger.info("peer disconnected", metadata: ["peer.role": "ingest", "peer.instance": "\(peer.instance ?? "")"])
+            ingests.removeAll { $0 == peer }
+            return
+        case .kafkaOut, .keenOut:
+            break
+        }
         logger.info("peer disconnected", metadata: ["peer.role": "\(role.rawValue)", "peer.instance": "\(peer.instance ?? "")"])
-        guard role != .ingest else { return }
         outputs[role]?.removeAll { $0 == peer }
+        metrics.outputs(role).set(Double(outputs[role]?.count ?? 0))
         sentSpecs[peer.connectionID] = nil
-        // Whatever that instance had not confirmed goes to the others.
+        for (k, v) in affinity where v.peer == peer { affinity[k]?.peer = nil }
+        announceOutputs()
+        // Whatever that instance had not confirmed goes to the others, oldest first, so each
+        // user's items keep their order on the instance that takes them over.
         let orphaned = work.filter { $0.value.peer == peer }.keys.sorted()
         for id in orphaned {
             work[id]?.peer = nil
@@ -96,7 +228,7 @@ actor RouterCore {
 
     // MARK: Batches from ingest
 
-    func accept(_ frame: Frame, from ingest: FramePeer) {
+    func accept(_ frame: Frame, from ingest: FramePeer) async {
         if progress[frame.id] != nil {
             // Sent again after a reconnect: already being worked on; answer on the new connection.
             progress[frame.id]?.ingest = ingest
@@ -106,29 +238,38 @@ actor RouterCore {
             ingest.send(.nack(frame.id, reason: "batch frame without tenant or payload", retryable: false))
             return
         }
-        guard var destinations = routes[tenant] else {
-            ingest.send(.nack(frame.id, reason: "unknown tenant '\(tenant)'", retryable: false))
-            return
-        }
-        if let only = frame.destination {
-            // A replayed dead letter: for that one destination, under its current settings.
-            destinations = destinations.filter { $0.destination.name == only }
-            guard !destinations.isEmpty else {
-                ingest.send(.nack(frame.id, reason: "tenant '\(tenant)' has no destination '\(only)'", retryable: false))
+        var targets: [Route]
+        if let name = frame.destination {
+            if routes[tenant]?[name] == nil, let refreshConfig {
+                // ingest may have reloaded a newer config a moment before this router did.
+                await refreshConfig()
+                if progress[frame.id] != nil { return }
+            }
+            guard let route = routes[tenant]?[name] else {
+                ingest.send(.nack(frame.id, reason: "tenant '\(tenant)' has no destination '\(name)'", retryable: false))
+                return
+            }
+            targets = [route]
+        } else {
+            targets = (routes[tenant] ?? [:]).values.filter { !$0.removed }.sorted { $0.destination.name < $1.destination.name }
+            guard routes[tenant] != nil else {
+                ingest.send(.nack(frame.id, reason: "unknown tenant '\(tenant)'", retryable: false))
                 return
             }
         }
-        let bytes = payload.readableBytes * destinations.count
-        guard work.count + destinations.count <= maxBacklog, backlogBytes + bytes <= maxBacklogBytes else {
+        let bytes = payload.readableBytes * targets.count
+        guard work.count + targets.count <= maxBacklog, backlogBytes + bytes <= maxBacklogBytes else {
             ingest.send(.nack(frame.id, reason: "router backlog is full", retryable: true))
             return
         }
+        metrics.batchesReceived.increment()
         let receivedAt = Int64(Date().timeIntervalSince1970 * 1000)
         var tree: JSONValue?
         var items: [Work] = []
-        for route in destinations {
+        for route in targets {
             let messages: [ByteBuffer]
             var eventIDs: [String] = []
+            let id = RouteID(tenant: tenant, destination: route.destination.name)
             switch route.destination.kind {
             case .kafka(let kafka):
                 if tree == nil {
@@ -140,6 +281,8 @@ actor RouterCore {
                     }
                 }
                 let output = kafka.settings.apply(to: tree!, original: payload, receivedAt: receivedAt)
+                metrics.eventsUnsupported.increment(by: Int64(output.unsupportedEvents))
+                metrics.eventsFiltered.increment(by: Int64(output.filteredEvents))
                 if output.unsupportedEvents + output.filteredEvents > 0 || output.messages.isEmpty {
                     logger.debug(
                         "connection settings applied",
@@ -157,9 +300,8 @@ actor RouterCore {
                 if i < eventIDs.count { headers.append(Header("sluice-event-id", eventIDs[i])) }
                 items.append(
                     Work(
-                        batchID: frame.id, tenant: tenant, destination: route.destination.name, destinationKey: route.key,
-                        role: route.destination.role, spec: route.spec, key: frame.key, headers: headers.isEmpty ? nil : headers,
-                        payload: message))
+                        batchID: frame.id, route: id, destinationKey: route.key, role: route.destination.role,
+                        spec: route.spec, key: frame.key, headers: headers.isEmpty ? nil : headers, payload: message))
             }
         }
         guard !items.isEmpty else {
@@ -172,6 +314,10 @@ actor RouterCore {
             nextID += 1
             work[id] = item
             backlogBytes += item.payload.readableBytes
+            stats[item.route, default: RouteStats()].backlog += 1
+            keyUse[item.destinationKey, default: 0] += 1
+            metrics.backlog(item.role).increment()
+            if let key = item.key { affinity[Affinity(role: item.role, key: key), default: (nil, 0)].count += 1 }
             dispatch(id)
         }
     }
@@ -184,9 +330,13 @@ actor RouterCore {
         }
         let peer: FramePeer
         if let key = item.key {
-            var hasher = StableHash()
-            hasher.combine(key)
-            peer = peers[Int(hasher.value % UInt64(peers.count))]
+            let a = Affinity(role: item.role, key: key)
+            if let held = affinity[a]?.peer {
+                peer = held
+            } else {
+                peer = Self.rendezvous(key, peers)
+                affinity[a, default: (nil, 1)].peer = peer
+            }
         } else {
             roundRobin &+= 1
             peer = peers[roundRobin % peers.count]
@@ -200,9 +350,10 @@ actor RouterCore {
         }
         item.peer = peer
         item.attempts += 1
+        item.sentAt = .now
         work[id] = item
         var frame = Frame(type: .batch, id: id)
-        frame.tenant = item.tenant
+        frame.tenant = item.route.tenant
         frame.destination = item.destinationKey
         frame.key = item.key
         frame.headers = item.headers
@@ -210,22 +361,47 @@ actor RouterCore {
         peer.send(frame)
     }
 
+    /// Highest-random-weight hashing on the instance names: a stable set sends a key to one
+    /// instance; adding or removing an instance moves only the keys that must move.
+    static func rendezvous(_ key: String, _ peers: [FramePeer]) -> FramePeer {
+        var best = peers[0]
+        var bestScore: UInt64 = 0
+        for (i, p) in peers.enumerated() {
+            var h = StableHash()
+            h.combine(p.instance ?? "")
+            h.combine("\u{0}")
+            h.combine(key)
+            let score = StableHash.mix(h.value)
+            if i == 0 || score > bestScore {
+                best = p
+                bestScore = score
+            }
+        }
+        return best
+    }
+
     // MARK: Outcomes from outputs
 
     func outcome(_ frame: Frame, from peer: FramePeer) {
         guard let item = work[frame.id], item.peer == peer else { return }  // stale: already re-dispatched
+        metrics.deliveryDuration(item.role).record(ContinuousClock.now - item.sentAt)
         if frame.type == .ack {
+            metrics.messages(item.role, "delivered").increment()
+            stats[item.route, default: RouteStats()].delivered(at: Date())
             finish(frame.id, deadLetter: nil)
             return
         }
         let reason = frame.reason ?? "no reason given"
+        stats[item.route, default: RouteStats()].failed(reason, at: Date())
         if frame.retryable == true {
+            metrics.messages(item.role, "retried").increment()
+            stats[item.route]?.retried += 1
             work[frame.id]?.peer = nil
             let delay = Self.backoff(attempt: item.attempts)
             logger.warning(
                 "delivery failed, will retry",
                 metadata: [
-                    "tenant.id": "\(item.tenant)", "destination": "\(item.destination)", "error": "\(reason)",
+                    "tenant.id": "\(item.route.tenant)", "destination": "\(item.route.destination)", "error": "\(reason)",
                     "attempt": "\(item.attempts)", "retry.in_ms": "\(delay.components.seconds * 1000 + delay.components.attoseconds / 1_000_000_000_000_000)",
                 ])
             Task { [weak self] in
@@ -234,13 +410,15 @@ actor RouterCore {
             }
         } else {
             // Permanent failure: ingest keeps the batch as a dead letter for this destination.
+            metrics.messages(item.role, "dead_lettered").increment()
+            stats[item.route]?.deadLettered += 1
             logger.error(
                 "delivery failed permanently; dead-lettered",
-                metadata: ["tenant.id": "\(item.tenant)", "destination": "\(item.destination)", "error": "\(reason)"])
+                metadata: ["tenant.id": "\(item.route.tenant)", "destination": "\(item.route.destination)", "error": "\(reason)"])
             finish(
                 frame.id,
                 deadLetter: .object([
-                    .init("destination", .string(item.destination)), .init("reason", .string(reason)),
+                    .init("destination", .string(item.route.destination)), .init("reason", .string(reason)),
                     .init("attempts", .number(String(item.attempts))),
                 ]))
         }
@@ -249,6 +427,18 @@ actor RouterCore {
     private func finish(_ id: UInt64, deadLetter: JSONValue?) {
         guard let item = work.removeValue(forKey: id) else { return }
         backlogBytes -= item.payload.readableBytes
+        stats[item.route]?.backlog -= 1
+        metrics.backlog(item.role).decrement()
+        if let n = keyUse[item.destinationKey], n > 1 {
+            keyUse[item.destinationKey] = n - 1
+        } else {
+            keyUse[item.destinationKey] = nil
+            retireIfUnused(item.destinationKey)
+        }
+        if let key = item.key {
+            let a = Affinity(role: item.role, key: key)
+            if let held = affinity[a], held.count > 1 { affinity[a]!.count -= 1 } else { affinity[a] = nil }
+        }
         guard var p = progress[item.batchID] else { return }
         p.remaining -= 1
         if let deadLetter { p.dead.append(deadLetter) }
@@ -278,6 +468,112 @@ actor RouterCore {
 
     /// For tests and status.
     var backlog: Int { work.count }
+
+    // MARK: Status
+
+    /// What `ingest status` shows of the router: outputs, and per tenant and destination what was
+    /// delivered, how fast, what is waiting, and the last error.
+    func status(config: ConfigWatcher.Status?) -> JSONValue {
+        let now = Date()
+        var instances: [JSONValue] = []
+        for role in outputs.keys.sorted(by: { $0.rawValue < $1.rawValue }) {
+            for p in outputs[role]! {
+                let inFlight = work.values.reduce(0) { $0 + ($1.peer == p ? 1 : 0) }
+                instances.append(
+                    .object([
+                        .init("role", .string(role.rawValue)), .init("instance", .string(p.instance ?? "")),
+                        .init("in_flight", .number(String(inFlight))),
+                    ]))
+            }
+        }
+        var destinations: [JSONValue] = []
+        for tenant in routes.keys.sorted() {
+            for name in routes[tenant]!.keys.sorted() {
+                let route = routes[tenant]![name]!
+                let s = stats[RouteID(tenant: tenant, destination: name)] ?? RouteStats()
+                var members: [JSONValue.Member] = [
+                    .init("tenant", .string(tenant)), .init("destination", .string(name)),
+                    .init("kind", .string(route.destination.kindName)),
+                    .init("state", .string(route.removed ? "removed" : "active")),
+                    .init("generation", .number(String(route.generation))),
+                    .init("delivered", .number(String(s.delivered))),
+                    .init("delivered_per_second", .number(String(format: "%.1f", s.rate.perSecond(at: now)))),
+                    .init("retried", .number(String(s.retried))),
+                    .init("dead_lettered", .number(String(s.deadLettered))),
+                    .init("in_router", .number(String(s.backlog))),
+                ]
+                if let e = s.lastError {
+                    members.append(.init("last_error", .string(e)))
+                    members.append(.init("last_error_at", .string(ISO8601DateFormatter().string(from: s.lastErrorAt!))))
+                }
+                destinations.append(.object(members))
+            }
+        }
+        var configMembers: [JSONValue.Member] = []
+        if let config {
+            configMembers = [
+                .init("generation", .number(String(config.generation))),
+                .init("loaded_at", .string(ISO8601DateFormatter().string(from: config.loadedAt))),
+            ]
+            if let e = config.lastError {
+                configMembers.append(.init("last_error", .string(e)))
+                configMembers.append(.init("last_error_at", .string(ISO8601DateFormatter().string(from: config.lastErrorAt!))))
+            }
+        }
+        return .object([
+            .init("ingest_connected", .bool(!ingests.isEmpty)),
+            .init("outputs_ready", .bool(outputsReady)),
+            .init("outputs", .array(instances)),
+            .init("config", .object(configMembers)),
+            .init("destinations", .array(destinations)),
+        ])
+    }
+}
+
+/// What the router counts for one tenant's destination, for `status`.
+struct RouteStats {
+    var delivered = 0
+    var retried = 0
+    var deadLettered = 0
+    var backlog = 0
+    var lastError: String?
+    var lastErrorAt: Date?
+    var rate = RateMeter()
+
+    mutating func delivered(at now: Date) {
+        delivered += 1
+        rate.add(1, at: now)
+    }
+
+    mutating func failed(_ reason: String, at now: Date) {
+        lastError = reason
+        lastErrorAt = now
+    }
+}
+
+/// Events per second over the last ten whole seconds.
+struct RateMeter {
+    private var buckets = [Int](repeating: 0, count: 11)
+    private var second = 0
+
+    mutating func add(_ n: Int, at now: Date) {
+        advance(to: Int(now.timeIntervalSince1970))
+        buckets[second % buckets.count] += n
+    }
+
+    mutating func advance(to s: Int) {
+        guard s > second else { return }
+        for t in (max(second, s - buckets.count) + 1)...s { buckets[t % buckets.count] = 0 }
+        second = s
+    }
+
+    /// The rate over the ten seconds before the current one.
+    func perSecond(at now: Date) -> Double {
+        let s = Int(now.timeIntervalSince1970)
+        var total = 0
+        for t in (s - 10)..<s where t > second - buckets.count && t <= second { total += buckets[t % buckets.count] }
+        return Double(total) / 10
+    }
 }
 
 /// FNV-1a: stable across processes and runs (Swift's Hasher is seeded per process).
@@ -288,5 +584,14 @@ struct StableHash {
             value ^= UInt64(b)
             value &*= 0x100_0000_01b3
         }
+    }
+
+    /// A finalizer (splitmix64's) so every bit of the score depends on every input byte: FNV's
+    /// high bits barely move when only the last bytes differ.
+    static func mix(_ x: UInt64) -> UInt64 {
+        var z = x &+ 0x9e37_79b9_7f4a_7c15
+        z = (z ^ (z >> 30)) &* 0xbf58_476d_1ce4_e5b9
+        z = (z ^ (z >> 27)) &* 0x94d0_49bb_1331_11eb
+        return z ^ (z >> 31)
     }
 }

@@ -4,6 +4,7 @@ import Shared
 /// Dispatches the frames of every connection (ingest and outputs) to the router core.
 struct RouterHandler: FrameConnectionHandler {
     let core: RouterCore
+    var watcher: ConfigWatcher?
 
     func received(_ frame: Frame, from peer: FramePeer) async throws {
         switch frame.type {
@@ -28,8 +29,13 @@ struct RouterHandler: FrameConnectionHandler {
             await core.outcome(frame, from: peer)
         case .error:
             core.logger.warning("peer reported an error", metadata: ["error.code": "\(frame.code ?? "")", "error": "\(frame.message ?? "")"])
-        case .destination:
-            throw ProtocolViolation("unexpected destination frame")
+        case .status:
+            guard peer.role == .admin else { throw ProtocolViolation("only admin peers ask for status") }
+            var answer = Frame(type: .status, id: frame.id)
+            answer.payload = await core.status(config: await watcher?.status).jsonBytes
+            peer.send(answer)
+        case .destination, .outputs:
+            throw ProtocolViolation("unexpected \(frame.type.rawValue) frame")
         }
     }
 

@@ -40,6 +40,7 @@ final class RouterCoreTests: XCTestCase {
         let ingest = peer(.ingest, "in")
         await core.register(out)
         await core.register(ingest)
+        XCTAssertEqual(ingest.takeQueued().map(\.type), [.outputs], "ingest hears which outputs are live")
         await core.accept(batch(7, key: "42"), from: ingest)
         XCTAssertEqual(ingest.takeQueued(), [], "ingest hears back only when every destination has the batch")
         let sent = out.takeQueued()
@@ -150,5 +151,142 @@ final class RouterCoreTests: XCTestCase {
         XCTAssertEqual(ingest.takeQueued(), [])
         await core.accept(batch(4, key: nil, size: 400), from: ingest)
         XCTAssertEqual(ingest.takeQueued(), [.nack(4, reason: "router backlog is full", retryable: true)])
+    }
+
+    // MARK: Scaling: order per user across a change of instances
+
+    func testAKeyStaysOnItsInstanceWhileItHasWorkInFlightEvenWhenInstancesJoin() async {
+        let core = RouterCore(config: config, logger: Logger(label: "t"))
+        let a = peer(.kafkaOut, "kafka-out-1")
+        await core.register(a)
+        let ingest = peer(.ingest, "in")
+        // Find a key that rendezvous hashing would move to the newcomer.
+        let b = peer(.kafkaOut, "kafka-out-2")
+        let key = (0..<1000).map { "user-\($0)" }.first { RouterCore.rendezvous($0, [a, b]) == b }!
+        await core.accept(batch(1, key: key), from: ingest)
+        let first = batches(a.takeQueued())
+        XCTAssertEqual(first.count, 2)
+        await core.register(b)
+        await core.accept(batch(2, key: key), from: ingest)
+        XCTAssertEqual(batches(b.takeQueued()).count, 0, "a later batch must not overtake the earlier one on another instance")
+        let second = batches(a.takeQueued())
+        XCTAssertEqual(second.count, 2)
+        for f in first + second { await core.outcome(.ack(f.id), from: a) }
+        // Nothing in flight for the key: now it goes where the new set of instances puts it.
+        await core.accept(batch(3, key: key), from: ingest)
+        XCTAssertEqual(batches(b.takeQueued()).count, 2)
+        XCTAssertEqual(batches(a.takeQueued()).count, 0)
+    }
+
+    func testWorkOfADepartedInstanceMovesOldestFirstAndItsUsersFollow() async {
+        let core = RouterCore(config: config, logger: Logger(label: "t"))
+        let a = peer(.kafkaOut, "kafka-out-1")
+        let b = peer(.kafkaOut, "kafka-out-2")
+        await core.register(a)
+        let ingest = peer(.ingest, "in")
+        for i in 1...3 { await core.accept(batch(UInt64(i), key: "u"), from: ingest) }
+        let sentToA = batches(a.takeQueued())
+        await core.register(b)
+        await core.unregister(a)
+        let moved = batches(b.takeQueued())
+        XCTAssertEqual(moved.map(\.id), sentToA.map(\.id), "same items, same order")
+        await core.accept(batch(4, key: "u"), from: ingest)
+        XCTAssertEqual(batches(b.takeQueued()).count, 2, "the user's next batch follows its earlier ones")
+    }
+
+    func testRendezvousMovesOnlyTheKeysOfTheChangedInstance() {
+        let peers = (1...3).map { peer(.kafkaOut, "kafka-out-\($0)") }
+        let keys = (0..<3000).map { "mpid-\($0)" }
+        let before = keys.map { RouterCore.rendezvous($0, peers).instance! }
+        let after = keys.map { RouterCore.rendezvous($0, Array(peers.prefix(2))).instance! }
+        for (x, y) in zip(before, after) where x != "kafka-out-3" { XCTAssertEqual(x, y) }
+        let shares = Dictionary(grouping: before, by: { $0 }).mapValues(\.count)
+        XCTAssertTrue(shares.values.allSatisfy { $0 > 800 }, "keys spread over all instances: \(shares)")
+    }
+
+    // MARK: Reload
+
+    func reloaded(_ yaml: String) -> SluiceConfig { try! SluiceConfig.parse(yaml: yaml) }
+
+    func testReloadRoutesNewBatchesToTheNewSettingsAndRetiresTheOldOnceDrained() async throws {
+        let core = RouterCore(config: config, logger: Logger(label: "t"))
+        let out = peer(.kafkaOut, "1")
+        let ingest = peer(.ingest, "in")
+        await core.register(out)
+        var one = batch(1, key: "k")
+        one.destination = "a"
+        await core.accept(one, from: ingest)
+        let before = out.takeQueued()
+        XCTAssertEqual(before.compactMap(\.destination), ["acme/a#1", "acme/a#1"])
+        await core.apply(
+            reloaded(
+                """
+                tenants:
+                  acme:
+                    api_key: k1
+                    api_secret: s1
+                    destinations:
+                      a: {kind: kafka, bootstrap_servers: dev, topic: ta-v2, plaintext: true}
+                      c: {kind: kafka, bootstrap_servers: dev, topic: tc, plaintext: true}
+                """))
+        XCTAssertEqual(out.takeQueued().filter { $0.type == .destination }, [], "the old key is still in use")
+        var two = batch(2, key: "k")
+        two.destination = "a"
+        await core.accept(two, from: ingest)
+        let after = out.takeQueued()
+        XCTAssertEqual(after.map(\.type), [.destination, .batch])
+        XCTAssertEqual(after[0].destination, "acme/a#2")
+        XCTAssertEqual(try JSONValue.parse(after[0].payload!)["topic"], .string("ta-v2"))
+        // The batch routed before the reload finishes on its own settings; then the old key is retired.
+        await core.outcome(.ack(before[1].id), from: out)
+        let retire = out.takeQueued()
+        XCTAssertEqual(retire.map(\.type), [.destination])
+        XCTAssertEqual(retire.first?.destination, "acme/a#1")
+        XCTAssertNil(retire.first?.payload, "a destination frame without settings means: forget it")
+        // A removed destination still drains what ingest holds for it.
+        var three = batch(3, key: nil)
+        three.destination = "b"
+        await core.accept(three, from: ingest)
+        let drained = batches(out.takeQueued())
+        XCTAssertEqual(drained.map(\.destination), ["acme/b#1"])
+        let status = await core.status(config: nil)
+        let b = status["destinations"]?.arrayValue?.first { $0["destination"] == .string("b") }
+        XCTAssertEqual(b?["state"], .string("removed"))
+    }
+
+    func testAnUnknownDestinationMakesTheRouterReadTheConfigAgain() async {
+        let core = RouterCore(config: config, logger: Logger(label: "t"))
+        let out = peer(.kafkaOut, "1")
+        await core.register(out)
+        let newer = reloaded(
+            """
+            tenants:
+              acme:
+                api_key: k1
+                api_secret: s1
+                destinations:
+                  z: {kind: kafka, bootstrap_servers: dev, topic: tz, plaintext: true}
+            """)
+        await core.setRefresh { await core.apply(newer) }
+        let ingest = peer(.ingest, "in")
+        var f = batch(1, key: nil)
+        f.destination = "z"
+        await core.accept(f, from: ingest)
+        XCTAssertEqual(batches(out.takeQueued()).map(\.destination), ["acme/z#1"])
+    }
+
+    func testIngestHearsWhetherEveryNeededOutputKindIsLive() async throws {
+        let core = RouterCore(config: config, logger: Logger(label: "t"))
+        let ingest = peer(.ingest, "in")
+        await core.register(ingest)
+        func ready() throws -> Bool? {
+            try ingest.takeQueued().last.flatMap { try JSONValue.parse($0.payload!)["ready"] }.map { $0 == .bool(true) }
+        }
+        XCTAssertEqual(try ready(), false)
+        let out = peer(.kafkaOut, "1")
+        await core.register(out)
+        XCTAssertEqual(try ready(), true)
+        await core.unregister(out)
+        XCTAssertEqual(try ready(), false)
     }
 }

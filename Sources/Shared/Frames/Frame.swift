@@ -17,6 +17,11 @@ public enum FrameType: String, Sendable {
     case nack
     /// The peer broke the protocol; the connection is closed after this frame.
     case error
+    /// Router → ingest: the live output instances per kind and whether every kind the config
+    /// needs has one (payload `{"ready":true,"outputs":{"kafka-out":2,...}}`), sent on every change.
+    case outputs
+    /// An operator's status request (from an `admin` peer) and the router's answer (payload).
+    case status
 }
 
 /// The role a process announces in its `hello`.
@@ -24,6 +29,8 @@ public enum PeerRole: String, Sendable, CaseIterable {
     case ingest
     case kafkaOut = "kafka-out"
     case keenOut = "keen-out"
+    /// A short-lived operator connection (`ingest status`): asks, reads the answer, leaves.
+    case admin
 }
 
 public struct Header: Sendable, Equatable {

@@ -92,6 +92,12 @@ public indirect enum JSONValue: Equatable, Sendable, CustomStringConvertible {
         return nil
     }
 
+    /// An integer number (its literal text read as `Int`), else nil.
+    public var intValue: Int? {
+        if case .number(let n) = self { return Int(n) }
+        return nil
+    }
+
     // MARK: Writing
 
     public func write(into out: inout ByteBuffer) {

@@ -36,6 +36,13 @@ extension KafkaDestination {
 }
 
 extension Destination {
+    /// `kafka` or `keen`: the `kind` of the config, used in status and metrics labels.
+    public var kindName: String {
+        switch kind {
+        case .kafka: return "kafka"
+        }
+    }
+
     public var wireJSON: JSONValue {
         switch kind {
         case .kafka(let k): return k.wireJSON
