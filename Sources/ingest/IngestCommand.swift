@@ -45,7 +45,8 @@ struct Serve: AsyncParsableCommand {
         logger.info(
             "spool opened",
             metadata: ["spool.path": "\(spool.path)", "spool.batches": "\(spool.count)", "spool.bytes": "\(spool.usedBytes)"])
-        let tenants = Tenants(config)
+        let tenants = Tenants(
+            config, digest: FileManager.default.contents(atPath: options.config).map(ConfigWatcher.digest))
         let link = RouterLink(spool: spool, tenants: tenants, logger: logger)
         let metrics = IngestMetrics.shared
         Metrics.onScrape {
@@ -54,8 +55,8 @@ struct Serve: AsyncParsableCommand {
             metrics.routerConnected.set(to: link.isConnected ? 1.0 : 0.0)
         }
         let startup = config
-        let watcher = ConfigWatcher(path: options.config, initial: config, logger: logger) { new in
-            tenants.update(new)
+        let watcher = ConfigWatcher(path: options.config, initial: config, logger: logger) { new, digest in
+            tenants.update(new, digest: digest)
             link.pump()
             if new.ingest != startup.ingest {
                 logger.warning("ingest settings (listen, limits) changed: they take effect at the next restart")

@@ -176,6 +176,7 @@ final class RouterLink: FrameConnectionHandler {
             var sent = false
             // Destinations removed by a reload keep draining what the spool holds for them.
             let targets = Set(tenants.targets).union(spool.backlog.keys)
+            let digest = tenants.digest
             for target in targets {
                 let plan = state.withLockedValue { s -> (FramePeer, Int64, Int)? in
                     guard let peer = s.peer else { return nil }
@@ -195,6 +196,7 @@ final class RouterLink: FrameConnectionHandler {
                         frame.key = d.key
                         frame.payload = d.payload
                         frame.headers = [Header("sluice-batch-id", "\(self.spool.identity)-\(d.batchID)")]
+                        frame.config = digest
                         return frame
                     }
                     let current = state.withLockedValue { s -> Bool in

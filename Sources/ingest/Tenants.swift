@@ -8,18 +8,22 @@ final class Tenants: Sendable {
     private struct Snapshot {
         var authenticator: Authenticator
         var destinations: [String: [String]]
+        var digest: String?
     }
 
     private let snapshot: NIOLockedValueBox<Snapshot>
 
-    init(_ config: SluiceConfig) {
-        snapshot = NIOLockedValueBox(Self.snapshot(config))
+    init(_ config: SluiceConfig, digest: String? = nil) {
+        snapshot = NIOLockedValueBox(Self.snapshot(config, digest: digest))
     }
 
-    func update(_ config: SluiceConfig) {
-        let new = Self.snapshot(config)
+    func update(_ config: SluiceConfig, digest: String?) {
+        let new = Self.snapshot(config, digest: digest)
         snapshot.withLockedValue { $0 = new }
     }
+
+    /// The digest of the config file these tenants came from (sent with each batch to the router).
+    var digest: String? { snapshot.withLockedValue { $0.digest } }
 
     var authenticator: Authenticator { snapshot.withLockedValue { $0.authenticator } }
 
@@ -33,9 +37,9 @@ final class Tenants: Sendable {
         }
     }
 
-    private static func snapshot(_ config: SluiceConfig) -> Snapshot {
+    private static func snapshot(_ config: SluiceConfig, digest: String?) -> Snapshot {
         var map: [String: [String]] = [:]
         for t in config.tenants { map[t.id] = t.destinations.map(\.name) }
-        return Snapshot(authenticator: Authenticator(tenants: config.tenants), destinations: map)
+        return Snapshot(authenticator: Authenticator(tenants: config.tenants), destinations: map, digest: digest)
     }
 }

@@ -36,7 +36,7 @@ struct RouterCommand: AsyncParsableCommand {
         let logger = try options.start(process: "router")
         let config = try options.loadConfig(logger: logger)
         let core = RouterCore(config: config, logger: logger)
-        let watcher = ConfigWatcher(path: options.config, initial: config, logger: logger) { config in
+        let watcher = ConfigWatcher(path: options.config, initial: config, logger: logger) { config, _ in
             await core.apply(config)
         } observe: { applied in
             ConfigMetrics.record(applied: applied)

@@ -1,10 +1,18 @@
 import Logging
+import NIOConcurrencyHelpers
 import Shared
 
 /// Dispatches the frames of every connection (ingest and outputs) to the router core.
 struct RouterHandler: FrameConnectionHandler {
     let core: RouterCore
     var watcher: ConfigWatcher?
+    /// The last config digest seen on a batch from ingest.
+    private let ingestConfig = NIOLockedValueBox<String?>(nil)
+
+    init(core: RouterCore, watcher: ConfigWatcher? = nil) {
+        self.core = core
+        self.watcher = watcher
+    }
 
     func received(_ frame: Frame, from peer: FramePeer) async throws {
         switch frame.type {
@@ -23,6 +31,16 @@ struct RouterHandler: FrameConnectionHandler {
             await core.register(peer)
         case .batch:
             guard peer.role == .ingest else { throw ProtocolViolation("only ingest sends batches to the router") }
+            if let digest = frame.config, let watcher {
+                let changed = ingestConfig.withLockedValue { seen -> Bool in
+                    guard seen != digest else { return false }
+                    seen = digest
+                    return true
+                }
+                // ingest reloaded a config this router may not have read yet: batches accepted
+                // after a reload must be routed by it.
+                if changed { await watcher.catchUp(to: digest) }
+            }
             await core.accept(frame, from: peer)
         case .ack, .nack:
             guard let role = peer.role, role != .ingest else { throw ProtocolViolation("unexpected \(frame.type.rawValue)") }

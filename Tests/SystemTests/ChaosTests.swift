@@ -81,14 +81,7 @@ final class ChaosTests: XCTestCase {
 
 /// Broker outages and errors, injected through the dev cluster's control socket.
 final class BrokerOutageTests: XCTestCase {
-    func control(_ group: ProcessGroup, _ command: String) throws -> String {
-        let fd = try connectUnix(group.runDir + "/dev-cluster.control")
-        defer { close(fd) }
-        _ = (command + "\n").withCString { write(fd, $0, strlen($0)) }
-        var buffer = [UInt8](repeating: 0, count: 256)
-        let n = read(fd, &buffer, buffer.count)
-        return String(decoding: buffer[0..<max(0, n)], as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
-    }
+    func control(_ group: ProcessGroup, _ command: String) throws -> String { try devClusterControl(group, command) }
 
     func startGroup(_ topic: String) throws -> ProcessGroup {
         let group = try ProcessGroup(config: ProcessGroup.acmeConfig(topic: topic))

@@ -202,6 +202,16 @@ final class PipelineTests: XCTestCase {
     }
 }
 
+/// One command to the dev cluster's control socket (down, up, rtt MS, errors API CODE…); its answer.
+func devClusterControl(_ group: ProcessGroup, _ command: String) throws -> String {
+    let fd = try connectUnix(group.runDir + "/dev-cluster.control")
+    defer { close(fd) }
+    _ = (command + "\n").withCString { write(fd, $0, strlen($0)) }
+    var buffer = [UInt8](repeating: 0, count: 256)
+    let n = read(fd, &buffer, buffer.count)
+    return String(decoding: buffer[0..<max(0, n)], as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+}
+
 func connectUnix(_ path: String) throws -> Int32 {
     let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
     var addr = sockaddr_un()

@@ -3,7 +3,7 @@ import TestSupport
 import XCTest
 
 /// No secret — API secrets, Basic credentials, Kafka passwords, private keys — ever shows in the
-/// logs, not even at debug level, and not in error answers.
+/// logs, not even at debug level, and not in error answers, metrics or status.
 final class SecretHygieneTests: XCTestCase {
     let apiSecret = "Ingest-Secret-4f9a"
     let kafkaPassword = "Kafka-Pw-77c1"
@@ -44,6 +44,16 @@ final class SecretHygieneTests: XCTestCase {
             return delivered >= 1
         }
         XCTAssertEqual(delivered, 1)
+
+        // Metrics and status too (the status shows each destination's last error).
+        answers.append(try group.get("/metrics").body)
+        let status = try runCommand(
+            BuiltProducts.path("ingest"), ["status", "--run-dir", group.runDir, "--config", group.configPath], timeout: 30)
+        XCTAssertTrue(status.out.contains("remote"), status.out + status.err)
+        answers.append(status.out + status.err)
+        let statusJSON = try runCommand(
+            BuiltProducts.path("ingest"), ["status", "--json", "--run-dir", group.runDir, "--config", group.configPath], timeout: 30)
+        answers.append(statusJSON.out + statusJSON.err)
 
         let basic = Data("acme-key:\(apiSecret)".utf8).base64EncodedString()
         let haystack = group.logs() + answers.joined(separator: "\n")

@@ -192,3 +192,101 @@ extension ProcessGroup {
             """
     }
 }
+
+extension ProcessGroup {
+    /// GET on another local port (a process's metrics listener).
+    public func get(port: Int, _ path: String) throws -> HTTPResult {
+        try perform(URLRequest(url: URL(string: "http://127.0.0.1:\(port)\(path)")!))
+    }
+
+    /// Sends `signal` to a running process without waiting (e.g. SIGHUP).
+    public func signal(_ name: String, _ signal: Int32) {
+        if let p = process(name), p.isRunning { kill(p.processIdentifier, signal) }
+    }
+
+    /// `ingest status --json` for this group, parsed.
+    public func status() throws -> [String: Any] {
+        let r = try runCommand(
+            BuiltProducts.path("ingest"), ["status", "--json", "--run-dir", runDir, "--config", configPath], timeout: 30)
+        guard let object = try JSONSerialization.jsonObject(with: Data(r.out.utf8)) as? [String: Any] else {
+            throw Failure("status printed no JSON: \(r.out) \(r.err)")
+        }
+        return object
+    }
+}
+
+/// Sustained load from users that each send their batches one after another (the next only
+/// after the previous got its answer), so each user's accepted batches have a definite order:
+/// batch id = user × 1,000,000 + sequence number.
+public final class UserLoad: @unchecked Sendable {
+    public let lock = NSLock()
+    public private(set) var accepted: [Int: [Int]] = [:]  // user → accepted sequence numbers, in order
+    public private(set) var refused = 0
+    private var stopping = false
+    private var threads: [Thread] = []
+
+    public init(group: ProcessGroup, users: Int, threads count: Int = 4, user: String = "acme-key", password: @escaping @Sendable () -> String = { "acme-secret" }) {
+        for t in 0..<count {
+            let mine = Array(stride(from: t, to: users, by: count))
+            let thread = Thread { [unowned self] in
+                var seq = [Int: Int]()
+                while !self.lock.withLock({ self.stopping }) {
+                    for u in mine {
+                        let n = (seq[u] ?? 0) + 1
+                        let id = (u + 1) * 1_000_000 + n
+                        let body = #"{"environment":"production","batch_id":\#(id),"mpid":\#(u + 1),"events":[{"event_type":"custom_event","data":{"event_name":"e","custom_event_type":"other"}}]}"#
+                        let status = (try? group.post("/v2/events", body: Data(body.utf8), user: user, password: password()))?.status
+                        if status == 202 {
+                            seq[u] = n
+                            self.lock.withLock { self.accepted[u + 1, default: []].append(n) }
+                        } else {
+                            // Not accepted (or unknown): the same number is tried again, so order holds.
+                            self.lock.withLock { self.refused += 1 }
+                            usleep(50_000)
+                        }
+                    }
+                }
+            }
+            threads.append(thread)
+        }
+    }
+
+    public func start() { for t in threads { t.start() } }
+
+    public func stop() {
+        lock.withLock { stopping = true }
+        while threads.contains(where: { !$0.isFinished }) { usleep(20_000) }
+    }
+
+    public var acceptedCount: Int { lock.withLock { accepted.values.reduce(0) { $0 + $1.count } } }
+
+    /// Checks topics against what was accepted: every accepted batch present in one of them; per
+    /// user and topic, the first copies in offset order are in send order (duplicates after a
+    /// crash are allowed). Returns the problems found (empty = good) and the duplicate count.
+    public func verify(_ messages: [ConsumedMessage]...) -> (problems: [String], duplicates: Int) {
+        var problems: [String] = []
+        var duplicates = 0
+        var seen: [Int: Set<Int>] = [:]
+        for topic in messages {
+            var order: [Int: [Int]] = [:]
+            for m in topic.sorted(by: { ($0.partition, $0.offset) < ($1.partition, $1.offset) }) {
+                guard let obj = try? JSONSerialization.jsonObject(with: Data(m.value.utf8)) as? [String: Any],
+                    let id = (obj["batch_id"] as? NSNumber)?.intValue
+                else { continue }
+                order[id / 1_000_000, default: []].append(id % 1_000_000)
+            }
+            for (user, got) in order {
+                var firsts: [Int] = []
+                for n in got {
+                    if seen[user, default: []].insert(n).inserted { firsts.append(n) } else { duplicates += 1 }
+                }
+                if firsts != firsts.sorted() { problems.append("user \(user): out of order \(firsts.prefix(40))") }
+            }
+        }
+        for (user, sent) in lock.withLock({ accepted }) {
+            let missing = Set(sent).subtracting(seen[user] ?? [])
+            if !missing.isEmpty { problems.append("user \(user): accepted but missing \(missing.sorted().prefix(10))") }
+        }
+        return (problems, duplicates)
+    }
+}

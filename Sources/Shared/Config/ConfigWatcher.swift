@@ -23,16 +23,19 @@ public actor ConfigWatcher: Service {
     public let path: String
     let interval: Duration
     let logger: Logger
-    let apply: @Sendable (SluiceConfig) async -> Void
+    let apply: @Sendable (SluiceConfig, _ digest: String) async -> Void
     let observe: @Sendable (_ applied: Bool) -> Void
     private var applied: SluiceConfig
     private var lastContents: Data?
     private var rejectedContents: Data?
     public private(set) var status = Status()
+    /// Names the applied file's contents (FNV-1a, hex). Processes that read the same file compare
+    /// digests to tell whether one of them has not reloaded yet.
+    public private(set) var digest: String
 
     public init(
         path: String, initial: SluiceConfig, interval: Duration = .seconds(1), logger: Logger,
-        apply: @escaping @Sendable (SluiceConfig) async -> Void,
+        apply: @escaping @Sendable (SluiceConfig, _ digest: String) async -> Void,
         observe: @escaping @Sendable (_ applied: Bool) -> Void = { _ in }
     ) {
         self.observe = observe
@@ -42,6 +45,16 @@ public actor ConfigWatcher: Service {
         self.logger = logger
         self.apply = apply
         self.lastContents = FileManager.default.contents(atPath: path)
+        self.digest = Self.digest(lastContents ?? Data())
+    }
+
+    public static func digest(_ data: Data) -> String {
+        var h: UInt64 = 0xcbf2_9ce4_8422_2325
+        for b in data {
+            h ^= UInt64(b)
+            h &*= 0x100_0000_01b3
+        }
+        return String(h, radix: 16)
     }
 
     public func run() async throws {
@@ -61,6 +74,16 @@ public actor ConfigWatcher: Service {
             try? await gracefulShutdown()
             group.cancelAll()
         }
+    }
+
+    private var caughtUp: String?
+
+    /// Another process runs on a config with this digest: if it is not ours, the file may have
+    /// changed since our last look, so look now (once per digest seen).
+    public func catchUp(to other: String) async {
+        guard other != digest, other != caughtUp else { return }
+        caughtUp = other
+        await reload(reason: "another process runs a newer config", force: false)
     }
 
     /// Reads the file; applies it if it changed (or `force`) and is valid. Returns whether a new
@@ -85,6 +108,7 @@ public actor ConfigWatcher: Service {
             return false
         }
         lastContents = contents
+        digest = Self.digest(contents ?? Data())
         rejectedContents = nil
         status.lastError = nil
         status.lastErrorAt = nil
@@ -95,7 +119,7 @@ public actor ConfigWatcher: Service {
         applied = config
         status.generation += 1
         status.loadedAt = Date()
-        await apply(config)
+        await apply(config, digest)
         observe(true)
         logger.notice(
             "config reloaded",

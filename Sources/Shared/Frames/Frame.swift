@@ -58,6 +58,9 @@ public struct Frame: Sendable, Equatable {
     public var retryable: Bool?
     public var code: String?
     public var message: String?
+    /// On batches from ingest: the digest of the config file ingest runs on, so the router can
+    /// catch up with a reload before routing (see `ConfigWatcher.digest`).
+    public var config: String?
     /// Kafka message headers (name, value), for batches sent to outputs.
     public var headers: [Header]?
     /// Raw JSON (a batch, or a destination's settings). Must be a valid JSON document.
@@ -143,6 +146,7 @@ extension Frame {
         field(",\"reason\":", reason)
         field(",\"code\":", code)
         field(",\"message\":", message)
+        field(",\"config\":", config)
         if let headers {
             out.writeStaticString(",\"headers\":{")
             for (i, h) in headers.enumerated() {
@@ -202,6 +206,7 @@ extension Frame {
                     case "reason": frame.reason = try text()
                     case "code": frame.code = try text()
                     case "message": frame.message = try text()
+                    case "config": frame.config = try text()
                     case "retryable":
                         guard JSON.kind(value) == .bool else { throw FrameError.invalidFrame("'retryable' must be a boolean") }
                         frame.retryable = value.first == UInt8(ascii: "t")
