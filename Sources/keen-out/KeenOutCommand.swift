@@ -2,6 +2,7 @@ import ArgumentParser
 import CCurl
 import Foundation
 import Logging
+import Observability
 import ServiceLifecycle
 import Shared
 
@@ -19,6 +20,9 @@ struct KeenOutCommand: AsyncParsableCommand {
     @Option(help: "Instance name announced to the router (default: keen-out-<pid>).")
     var instance: String?
 
+    @Option(help: "Serve Prometheus metrics and /healthz on HOST:PORT (e.g. 127.0.0.1:9401). Off when not given.")
+    var metricsListen: String?
+
     func run() async throws {
         let logger = try options.start(process: "keen-out")
         let version = String(cString: curl_version())
@@ -27,8 +31,12 @@ struct KeenOutCommand: AsyncParsableCommand {
             path: options.routerSocketPath, role: .keenOut,
             instance: instance ?? "keen-out-\(ProcessInfo.processInfo.processIdentifier)",
             handler: KeenRefuser(logger: logger), logger: logger)
+        var services: [ServiceGroupConfiguration.ServiceConfiguration] = [.init(service: client)]
+        if let metricsListen {
+            services.append(.init(service: try metricsListener(address: metricsListen, process: "keen-out", logger: logger)))
+        }
         let group = ServiceGroup(
-            configuration: .init(services: [client], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+            configuration: .init(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
         try await group.run()
     }
 }
