@@ -1,0 +1,536 @@
+#!/usr/bin/env python3
+"""Sluice's end-to-end benchmark, with its baselines measured in the same run on the same payloads.
+
+For each mode (send_as_batch true/false, 1 or N tenants) it starts a librdkafka mock cluster
+(`kafka-out dev-cluster`, 3 brokers, in its own process), then on that cluster:
+  1. Sluice's four processes, driven over HTTP by wrk (load.lua) at max load, then paced at 50% and
+     25% of the rate it sustained end to end;
+  2. the ceiling: raw_producer.c sending the messages Sluice produced (copied back from the topics:
+     same keys, same bytes), as fast as it can;
+  3. the peer: peer_forwarder.py (aiohttp + orjson + confluent-kafka), ack styles confirmed and
+     queued, at max load.
+Accepted = 202s counted by wrk. Delivered = growth of the topics' high watermarks, counted until the
+backlog has drained, over load time + drain time. CPU seconds (/proc/PID/stat) and peak RSS
+(VmHWM, reset before each step) per process. Prints markdown tables; --record appends them to
+docs/BENCHMARKS.md with the date, machine, commit and command.
+"""
+import argparse
+import base64
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BENCH = HERE.parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(HERE))
+import payloads  # noqa: E402
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PYTHON_MODULES = {"aiohttp": "aiohttp", "orjson": "orjson", "confluent_kafka": "confluent-kafka", "uvloop": "uvloop"}
+
+
+def say(*args):
+    print("[bench]", *args, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- dependencies
+
+def ensure_deps():
+    apt = [pkg for cmd, pkg in (("wrk", "wrk"), ("gcc", "gcc"), ("kcat", "kcat")) if not shutil.which(cmd)]
+    if not Path("/usr/include/librdkafka/rdkafka.h").exists():
+        apt.append("librdkafka-dev")
+    if apt:
+        say("installing system packages:", *apt)
+        sudo = [] if os.geteuid() == 0 else ["sudo"]
+        subprocess.run(sudo + ["apt-get", "update", "-qq"], check=True)
+        subprocess.run(sudo + ["apt-get", "install", "-y", "-qq", "--no-install-recommends"] + apt, check=True,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, stdout=subprocess.DEVNULL)
+    missing = [m for m in PYTHON_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        say("installing Python packages from", BENCH / "requirements.txt")
+        pip = [sys.executable, "-m", "pip", "install", "-q", "-r", str(BENCH / "requirements.txt")]
+        if subprocess.run(pip).returncode != 0:  # Debian's Python (PEP 668) needs this flag
+            subprocess.run(pip + ["--break-system-packages"], check=True)
+        importlib.invalidate_caches()
+
+
+BINARIES = ["ingest", "router", "kafka-out", "keen-out"]
+
+
+def check_binaries(bin_dir):
+    """Returns when the binaries were built; warns when sources changed since."""
+    missing = [n for n in BINARIES if not (bin_dir / n).exists()]
+    if missing:
+        sys.exit(f"bench: {', '.join(missing)} not found in {bin_dir}: build first (swift build -c release)")
+    built = min((bin_dir / n).stat().st_mtime for n in BINARIES)
+    newer = [p for p in (ROOT / "Sources").rglob("*.swift") if p.stat().st_mtime > built]
+    if newer:
+        say(f"warning: {len(newer)} source files are newer than the binaries in {bin_dir} (e.g. {newer[0]})")
+    return datetime.datetime.fromtimestamp(built, datetime.timezone.utc)
+
+
+# ---------------------------------------------------------------- processes
+
+class Proc:
+    """A long-running process of the run, logging to a file, with its CPU time and peak RSS."""
+
+    def __init__(self, name, argv, log_dir):
+        self.name = name
+        self.log = open(log_dir / f"{name}.log", "ab")
+        self.popen = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def alive(self):
+        return self.popen.poll() is None
+
+    def cpu(self):
+        try:
+            fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        except (OSError, IndexError):
+            return 0.0
+
+    def reset_peak(self):
+        try:
+            Path(f"/proc/{self.popen.pid}/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+    def peak_mb(self):
+        try:
+            for line in Path(f"/proc/{self.popen.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return 0.0
+
+    def stop(self, timeout=20):
+        if self.alive():
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        self.log.close()
+
+
+def run_child(argv):
+    """Runs a short-lived child to its end; returns (stdout, stderr, exit status). Its CPU time
+    shows in child_cpu() once it is reaped."""
+    p = subprocess.run(argv, capture_output=True, text=True)
+    return p.stdout, p.stderr, p.returncode
+
+
+def child_cpu():
+    import resource
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url, timeout, procs):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in procs:
+            if not p.alive():
+                raise RuntimeError(f"{p.name} exited ({p.popen.returncode}); see {p.log.name}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} not ready after {timeout} s")
+
+
+# ---------------------------------------------------------------- one mode
+
+class Mode:
+    def __init__(self, opts, work, send_as_batch, tenants):
+        self.opts, self.send_as_batch, self.tenants = opts, send_as_batch, tenants
+        self.name = f"{'batch' if send_as_batch else 'event'}-{tenants}"
+        self.dir = work / self.name
+        self.dir.mkdir()
+        self.results = []
+        self.creds = [(f"bench-key-{i}", f"bench-secret-{i}") for i in range(tenants)]
+        self.creds_file = self.dir / "credentials"
+        self.creds_file.write_text("".join("Basic " + base64.b64encode(f"{k}:{s}".encode()).decode() + "\n"
+                                           for k, s in self.creds))
+        self.templates = self.dir / "templates"
+        self.events_per_request, self.bytes_per_request = payloads.write_templates(self.templates, opts.mix_weights)
+        # messages per request, and events per message, as produced
+        self.msgs_per_request = 1 if send_as_batch else self.events_per_request
+        self.events_per_msg = self.events_per_request if send_as_batch else 1
+        self.msg_bytes = {}
+
+    def topics(self, system):
+        return [f"{system}-t{i}" for i in range(self.tenants)]
+
+    # -- load and measurement
+
+    def step(self, system, load, url, procs, rate=0.0, seconds=None, record=True):
+        """Drives `url` with wrk for `seconds`, then waits until the backlog has drained."""
+        o, c = self.opts, self.cluster
+        seconds = seconds or o.duration
+        topics = self.topics(system)
+        base = c.delivered(topics)
+        for p in procs:
+            p.reset_peak()
+        cpu0 = {p.name: p.cpu() for p in procs}
+        child0 = child_cpu()
+        argv = ["wrk", "-t", str(o.wrk_threads), "-c", str(o.connections), "-d", f"{seconds}s", "--timeout", "30s",
+                "-s", str(HERE / "load.lua"), url + "/v2/events", "--",
+                str(self.templates), str(self.creds_file), f"{rate:.3f}", str(o.wrk_threads)]
+        out, err, status = run_child(argv)
+        wrk_cpu = child_cpu() - child0
+        line = next((l for l in out.splitlines() if l.startswith("BENCH ")), None)
+        if status != 0 or line is None:
+            raise RuntimeError(f"wrk failed ({status}): {err.strip()}\n{out}")
+        w = json.loads(line[6:])
+        dur = w["duration_us"] / 1e6
+        in_window = c.delivered(topics) - base
+        epr = w["events_sent"] / max(1, w["requests_sent"])
+        expected = w["ok"] * (1 if self.send_as_batch else epr)
+        slack = o.connections * (1 if self.send_as_batch else 50)
+        drain, delivered = c.wait_delivered(topics, base, expected, slack, timeout=o.drain_timeout)
+        r = {
+            "system": system, "load": load, "rate": rate, "seconds": dur, "drain_s": drain,
+            "req_s": w["completed"] / dur, "accepted_eps": w["ok"] * epr / dur,
+            "delivered_msgs": delivered, "expected_msgs": expected,
+            "delivered_eps": delivered * self.events_per_msg / (dur + drain),
+            "window_eps": in_window * self.events_per_msg / dur,
+            "msgs_s": delivered / (dur + drain),
+            "p50": w["p50_us"] / 1e3, "p99": w["p99_us"] / 1e3, "p999": w["p999_us"] / 1e3,
+            "not_202": w["other"] + w["socket_errors"], "statuses": w["statuses"],
+            "cpu": {p.name: (p.cpu() - cpu0[p.name], p.peak_mb()) for p in procs},
+        }
+        r["cpu"]["wrk"] = (wrk_cpu, None)
+        if delivered < expected - slack:
+            say(f"warning: {system} {load}: {delivered} of {expected:.0f} expected messages arrived")
+        say(f"{self.name} {system} {load}: accepted {r['accepted_eps']:,.0f} ev/s, delivered {r['delivered_eps']:,.0f} "
+            f"ev/s (drain {drain:.1f} s), p99 {r['p99']:.1f} ms, not 202: {r['not_202']}")
+        if record:
+            self.results.append(r)
+        return r
+
+    def sample_bytes(self, system, limit=2000):
+        """Average key+value bytes of the messages `system` produced (a sample still on the brokers)."""
+        _, avg = self.cluster.capture(self.topics(system), self.dir / f"{system}.sample", lambda t: t, limit=limit)
+        self.msg_bytes[system] = avg
+
+    # -- the systems
+
+    def run(self):
+        o = self.opts
+        from kafkatools import Cluster
+        all_topics = [t for s in ("sluice", "raw", "peerc", "peerq") for t in self.topics(s)]
+        cluster = Proc("dev-cluster", [str(o.bin_dir / "kafka-out"), "dev-cluster", "--run-dir", str(self.dir),
+                                       "--log-level", "notice", "--brokers", "3"]
+                       + [a for t in all_topics for a in ("--topic", f"{t}:{o.partitions}")], self.dir)
+        bootstrap_file = self.dir / "dev-cluster.bootstrap"
+        deadline = time.monotonic() + 120
+        while not bootstrap_file.exists():
+            if not cluster.alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the dev cluster did not start; see {cluster.log.name}")
+            time.sleep(0.05)
+        self.bootstrap = bootstrap_file.read_text().strip()
+        self.cluster = Cluster(self.bootstrap, o.partitions)
+        self.cluster_proc = cluster
+        try:
+            self.run_sluice()
+            self.run_raw()
+            for ack in o.peer_acks:
+                self.run_peer(ack)
+        finally:
+            self.cluster.close()
+            cluster.stop()
+
+    def run_sluice(self):
+        o = self.opts
+        port = free_port()
+        config = self.dir / "sluice.yaml"
+        lines = [f"ingest:\n  listen: 127.0.0.1:{port}\ntenants:"]
+        for i, (key, secret) in enumerate(self.creds):
+            lines.append(f"  t{i}:\n    api_key: {key}\n    api_secret: {secret}\n    destinations:\n"
+                         f"      main: {{kind: kafka, bootstrap_servers: dev, plaintext: true, topic: sluice-t{i}, "
+                         f"settings: {{send_as_batch: {str(self.send_as_batch).lower()}}}}}")
+        config.write_text("\n".join(lines) + "\n")
+        common = ["--run-dir", str(self.dir), "--config", str(config), "--log-level", o.log_level]
+        procs = [Proc("router", [str(o.bin_dir / "router")] + common, self.dir)]
+        procs += [Proc(f"kafka-out-{i}", [str(o.bin_dir / "kafka-out"), "run", "--instance", f"kafka-out-{i}"] + common,
+                       self.dir) for i in range(o.kafka_outs)]
+        procs.append(Proc("keen-out", [str(o.bin_dir / "keen-out")] + common, self.dir))
+        procs.append(Proc("ingest", [str(o.bin_dir / "ingest"), "serve", "--spool-dir", str(self.dir / "spool")]
+                          + common, self.dir))
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_http(url + "/readyz", 60, procs)
+            measured = procs + [self.cluster_proc]
+            self.step("sluice", "warm-up", url, measured, seconds=o.warmup, record=False)
+            top = self.step("sluice", "max", url, measured)
+            # the rate it sustained end to end, in requests/s
+            sustained = min(top["req_s"], top["msgs_s"] / self.msgs_per_request)
+            for frac in o.paced:
+                self.step("sluice", f"{int(frac * 100)}%", url, measured, rate=frac * sustained)
+        finally:
+            for p in reversed(procs):
+                p.stop()
+        self.sample_bytes("sluice")
+
+    def run_raw(self):
+        o = self.opts
+        sample = self.dir / "raw.messages"
+        n, avg = self.cluster.capture(self.topics("sluice"), sample, lambda t: "raw" + t[len("sluice"):])
+        if n == 0:
+            raise RuntimeError("no Sluice messages to replay for the raw producer")
+        base = self.cluster.delivered(self.topics("raw"))
+        cpu0, child0 = self.cluster_proc.cpu(), child_cpu()
+        out, err, status = run_child([str(o.raw_producer), "-b", self.bootstrap, "-f", str(sample),
+                                      "-s", str(min(o.duration, 10))])
+        if status != 0:
+            raise RuntimeError(f"raw_producer failed ({status}): {err.strip()} {out.strip()}")
+        r = json.loads(out)
+        counted = self.cluster.delivered(self.topics("raw")) - base
+        if counted != r["delivered"]:
+            say(f"warning: raw producer: {r['delivered']} delivery reports, {counted} messages on the brokers")
+        self.raw_info = r
+        self.msg_bytes["raw"] = r["bytes"] / max(1, r["delivered"])
+        self.results.append({
+            "system": "raw", "load": "max", "seconds": r["seconds"], "drain_s": 0.0,
+            "msgs_s": r["msgs_per_s"], "delivered_eps": r["msgs_per_s"] * self.events_per_msg, "mb_s": r["mb_per_s"],
+            "cpu": {"raw producer": (child_cpu() - child0, None), "dev-cluster": (self.cluster_proc.cpu() - cpu0, None)},
+            "distinct": n,
+        })
+        say(f"{self.name} raw: {r['msgs_per_s']:,.0f} msgs/s, {r['mb_per_s']:.0f} MB/s ({n} distinct messages cycled)")
+
+    def run_peer(self, ack):
+        o = self.opts
+        system = "peerc" if ack == "confirmed" else "peerq"
+        tenants = self.dir / f"{system}.tenants.json"
+        tenants.write_text(json.dumps([{"api_key": k, "api_secret": s, "topic": f"{system}-t{i}"}
+                                       for i, (k, s) in enumerate(self.creds)]))
+        port = free_port()
+        peer = Proc(f"peer-{ack}", [sys.executable, str(BENCH / "baselines" / "peer_forwarder.py"),
+                                    "--listen", f"127.0.0.1:{port}", "--bootstrap", self.bootstrap,
+                                    "--tenants", str(tenants), "--mode", "batch" if self.send_as_batch else "event",
+                                    "--ack", ack], self.dir)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_http(url + "/healthz", 30, [peer])
+            measured = [peer, self.cluster_proc]
+            self.step(system, "warm-up", url, measured, seconds=o.warmup, record=False)
+            self.step(system, "max", url, measured)
+        finally:
+            peer.stop()
+        self.sample_bytes(system)
+
+
+# ---------------------------------------------------------------- report
+
+LABELS = {"sluice": "Sluice", "raw": "raw librdkafka (ceiling)", "peerc": "peer, ack after Kafka confirmed",
+          "peerq": "peer, ack when queued"}
+
+
+def fmt(v, digits=0):
+    return "–" if v is None else f"{v:,.{digits}f}"
+
+
+def mode_report(m):
+    o = m.opts
+    lines = [f"### send_as_batch: {str(m.send_as_batch).lower()}, {m.tenants} tenant{'s' if m.tenants > 1 else ''}", "",
+             f"Requests: {m.events_per_request:.1f} events and {m.bytes_per_request / 1024:.1f} KB on average "
+             f"(mix {o.mix}); {o.connections} connections; {o.duration} s per step. "
+             f"Messages: {m.events_per_msg:.1f} events each.", "",
+             "| system | load | req/s | accepted ev/s | delivered ev/s | delivered msgs/s | delivered MB/s | drain s "
+             "| p50 ms | p99 ms | p99.9 ms | not 202 |",
+             "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for r in m.results:
+        mb = r.get("mb_s")
+        if mb is None:
+            mb = r["msgs_s"] * m.msg_bytes.get(r["system"], 0) / 1e6
+            r["mb_s"] = mb
+        load = r["load"] + (f" ({r['rate']:,.0f} req/s)" if r.get("rate") else "")
+        status = fmt(r.get("not_202")) + (f" ({r['statuses']})" if r.get("statuses") else "")
+        lines.append(f"| {LABELS[r['system']]} | {load} | {fmt(r.get('req_s'))} | {fmt(r.get('accepted_eps'))} "
+                     f"| {fmt(r['delivered_eps'])} | {fmt(r['msgs_s'])} | {fmt(mb, 1)} | {fmt(r['drain_s'], 1)} "
+                     f"| {fmt(r.get('p50'), 2)} | {fmt(r.get('p99'), 2)} | {fmt(r.get('p999'), 2)} "
+                     f"| {status if r['system'] != 'raw' else '–'} |")
+    by = {(r["system"], r["load"]): r for r in m.results}
+    s, raw = by.get(("sluice", "max")), by.get(("raw", "max"))
+    ratios = []
+    if s and raw:
+        ratios.append(f"Sluice ÷ raw producer: messages/s {100 * s['msgs_s'] / raw['msgs_s']:.1f}%, "
+                      f"MB/s {100 * s['mb_s'] / raw['mb_s']:.1f}% (target ≥ 25%)")
+    for peer in ("peerc", "peerq"):
+        p = by.get((peer, "max"))
+        if s and p and p["delivered_eps"]:
+            ratios.append(f"Sluice ÷ {LABELS[peer]}: delivered events/s {s['delivered_eps'] / p['delivered_eps']:.2f}× "
+                          f"(goal ≥ 3×, bar ≥ 2×)")
+    half = by.get(("sluice", "50%"))
+    if half:
+        ratios.append(f"Sluice p99 at 50% load: {half['p99']:.2f} ms (target ≤ 10 ms)")
+    lines += [""] + [f"- {x}" for x in ratios]
+    names = []
+    for r in m.results:
+        names += [n for n in r["cpu"] if n not in names]
+    lines += ["", "CPU seconds over load + drain (cores busy on average), peak RSS MB:", "",
+              "| system | load | wall s | " + " | ".join(names) + " |", "|---|---|--:|" + "--:|" * len(names)]
+    for r in m.results:
+        wall = r["seconds"] + r["drain_s"]
+        cells = []
+        for n in names:
+            if n not in r["cpu"]:
+                cells.append("")
+                continue
+            cpu, peak = r["cpu"][n]
+            cells.append(f"{cpu:.1f} ({cpu / wall:.2f})" + (f", {peak:.0f} MB" if peak else ""))
+        lines.append(f"| {LABELS[r['system']]} | {r['load']} | {wall:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def machine():
+    model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    mem = next((int(l.split()[1]) for l in open("/proc/meminfo") if l.startswith("MemTotal")), 0) / 2**20
+    return f"{os.cpu_count()} × {model}, {mem:.0f} GiB, Linux {platform.release()}"
+
+
+def commit():
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+        return head + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def versions():
+    import confluent_kafka
+    wrk = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split(" [")[0].strip()
+    debian = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "librdkafka-dev"], capture_output=True,
+                            text=True).stdout.strip() or "?"
+    ck = confluent_kafka.version()
+    ck = ck[0] if isinstance(ck, tuple) else ck
+    return (f"librdkafka {debian} (Debian) for Sluice and the raw producer; librdkafka {confluent_kafka.libversion()[0]} "
+            f"bundled in confluent-kafka {ck} for the peer; Python {platform.python_version()}; {wrk}")
+
+
+def report(modes, opts, started):
+    head = [f"## {started:%Y-%m-%d %H:%M} UTC, commit {commit()}", "",
+            f"- Machine: {machine()}", f"- Command: `{opts.command}`",
+            f"- Sluice binaries: {os.path.relpath(opts.bin_origin, ROOT)}, built {opts.built:%Y-%m-%d %H:%M} UTC", f"- Versions: {versions()}", ""]
+    return "\n".join(head + ["\n\n".join(mode_report(m) for m in modes), ""])
+
+
+def record(text, path):
+    path = Path(path)
+    if not path.exists():
+        path.write_text("# Benchmarks\n\nResults of `Benchmarks/run --record` (see Benchmarks/README.md), newest last. "
+                        "Ratios between systems in one run are the numbers to compare; absolute numbers vary "
+                        "with the machine and its neighbours.\n\n")
+    with open(path, "a") as f:
+        f.write("\n" + text)
+    say("appended to", path)
+
+
+# ---------------------------------------------------------------- main
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a couple of seconds per step, one mode (for the test suite)")
+    p.add_argument("--duration", type=int, help="seconds per measured step (default 20; quick: 2)")
+    p.add_argument("--warmup", type=int, help="seconds of unreported load before each system (default 3; quick: 1)")
+    p.add_argument("--modes", help="comma list of SENDAS:TENANTS, SENDAS batch or event "
+                                   "(default batch:1,event:1,batch:50,event:50; quick: batch:1)")
+    p.add_argument("--mix", default="large=1,small=1", help="request mix by weight: large (50 events) and small (1-5)")
+    p.add_argument("--connections", type=int, default=16)
+    p.add_argument("--wrk-threads", type=int, default=1)
+    p.add_argument("--partitions", type=int, default=6, help="partitions per topic")
+    p.add_argument("--kafka-outs", type=int, default=1, help="kafka-out instances")
+    p.add_argument("--paced", default="0.5,0.25", help="paced steps as fractions of the sustained max (quick: 0.5)")
+    p.add_argument("--peer-acks", default="confirmed,queued")
+    p.add_argument("--bin-dir", default=str(ROOT / ".build" / "release"))
+    p.add_argument("--log-level", default="info", help="Sluice's log level")
+    p.add_argument("--record", nargs="?", const=str(ROOT / "docs" / "BENCHMARKS.md"), metavar="FILE",
+                   help="append the report to FILE (default docs/BENCHMARKS.md)")
+    p.add_argument("--json", metavar="FILE", help="also write the raw results as JSON")
+    p.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs, samples)")
+    o = p.parse_args()
+    o.command = shlex.join(["Benchmarks/run"] + sys.argv[1:])
+    o.duration = o.duration or (2 if o.quick else 20)
+    o.warmup = o.warmup or (1 if o.quick else 3)
+    o.modes = o.modes or ("batch:1" if o.quick else "batch:1,event:1,batch:50,event:50")
+    o.paced = [float(x) for x in ("0.5" if o.quick and o.paced == "0.5,0.25" else o.paced).split(",") if x]
+    o.peer_acks = [a for a in o.peer_acks.split(",") if a]
+    o.mix_weights = payloads.parse_mix(o.mix)
+    o.drain_timeout = 20 if o.quick else max(60, 3 * o.duration)
+    o.bin_dir = Path(o.bin_dir).absolute()
+    return o
+
+
+def main():
+    opts = parse_args()
+    modes_spec = []
+    for spec in opts.modes.split(","):
+        kind, _, n = spec.partition(":")
+        if kind not in ("batch", "event") or not n.isdigit() or int(n) < 1:
+            sys.exit(f"bench: bad mode {spec!r} (expected e.g. batch:1 or event:50)")
+        modes_spec.append((kind == "batch", int(n)))
+    opts.built = check_binaries(opts.bin_dir)
+    ensure_deps()
+    started = datetime.datetime.now(datetime.timezone.utc)
+    work = Path(tempfile.mkdtemp(prefix="sb-", dir="/tmp"))  # short: Unix socket paths live here
+    say("work directory:", work)
+    # a copy, so that a rebuild during the run cannot swap binaries under it
+    (work / "bin").mkdir()
+    for name in BINARIES:
+        shutil.copy2(opts.bin_dir / name, work / "bin" / name)
+    opts.bin_origin, opts.bin_dir = opts.bin_dir, work / "bin"
+    opts.raw_producer = work / "raw_producer"
+    subprocess.run(["gcc", "-O2", "-o", str(opts.raw_producer), str(BENCH / "baselines" / "raw_producer.c"),
+                    "-lrdkafka"], check=True)
+    modes, ok = [], False
+    try:
+        for send_as_batch, tenants in modes_spec:
+            m = Mode(opts, work, send_as_batch, tenants)
+            modes.append(m)
+            m.run()
+        ok = True
+    finally:
+        done = [m for m in modes if m.results]
+        if done:
+            text = report(done, opts, started)
+            print(text)
+            if opts.record and ok:
+                record(text, opts.record)
+            if opts.json:
+                Path(opts.json).write_text(json.dumps([{"mode": m.name, "results": m.results} for m in done], indent=1))
+        if opts.keep or not ok:
+            say("kept", work)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
