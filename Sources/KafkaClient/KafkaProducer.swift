@@ -23,6 +23,7 @@ public final class KafkaProducer: @unchecked Sendable {
     public init(
         configuration: ProducerConfiguration, logger: Logger,
         onStatistics: (@Sendable (ProducerStatistics) -> Void)? = nil,
+        onError: (@Sendable (KafkaError) -> Void)? = nil,
         onDelivery: @escaping @Sendable ([DeliveryReport]) -> Void
     ) throws(KafkaError) {
         self.configuration = configuration
@@ -44,7 +45,7 @@ public final class KafkaProducer: @unchecked Sendable {
         handle = rk
         let queue = rd_kafka_queue_get_main(rk)!
         rd_kafka_set_log_queue(rk, queue)
-        events = EventQueue(queue: queue, logger: logger, onStatistics: onStatistics, onDelivery: onDelivery)
+        events = EventQueue(queue: queue, logger: logger, onStatistics: onStatistics, onError: onError, onDelivery: onDelivery)
         events.start()
     }
 
@@ -129,6 +130,7 @@ final class EventQueue: @unchecked Sendable {
     private let logger: Logger
     private let onDelivery: @Sendable ([DeliveryReport]) -> Void
     private let onStatistics: (@Sendable (ProducerStatistics) -> Void)?
+    private let onError: (@Sendable (KafkaError) -> Void)?
     private let lock = NSLock()
     private var stopping = false
     private var fatal: KafkaError?
@@ -136,10 +138,11 @@ final class EventQueue: @unchecked Sendable {
 
     init(
         queue: OpaquePointer, logger: Logger, onStatistics: (@Sendable (ProducerStatistics) -> Void)?,
-        onDelivery: @escaping @Sendable ([DeliveryReport]) -> Void
+        onError: (@Sendable (KafkaError) -> Void)?, onDelivery: @escaping @Sendable ([DeliveryReport]) -> Void
     ) {
         self.queue = queue
         self.onStatistics = onStatistics
+        self.onError = onError
         self.logger = logger
         self.onDelivery = onDelivery
     }
@@ -188,6 +191,7 @@ final class EventQueue: @unchecked Sendable {
                 let isFatal = rd_kafka_event_error_is_fatal(event) != 0
                 let error = KafkaError(err, message: String(cString: rd_kafka_event_error_string(event)), isFatal: isFatal)
                 if isFatal { lock.withLock { fatal = error } }
+                onError?(error)
                 logger.log(
                     level: isFatal ? .error : .warning, "kafka client error",
                     metadata: ["kafka.error": "\(error.name)", "kafka.message": "\(error.message)", "kafka.fatal": "\(isFatal)"])

@@ -23,6 +23,9 @@ final class KafkaPublisher: FrameConnectionHandler, Service {
         var statistics: [ObjectIdentifier: ProducerStatistics] = [:]
         var inFlight: [UInt64: InFlight] = [:]
         var nextID: UInt64 = 1
+        /// The router connection (for reporting client errors), and when each producer last reported.
+        var router: FramePeer?
+        var lastReported: [ObjectIdentifier: ContinuousClock.Instant] = [:]
     }
 
     private let state = NIOLockedValueBox(State())
@@ -64,7 +67,10 @@ final class KafkaPublisher: FrameConnectionHandler, Service {
                 return
             }
             let spec = try KafkaDestination(wireJSON: try JSONValue.parse(payload))
-            state.withLockedValue { $0.destinations[key] = spec }
+            state.withLockedValue {
+                $0.destinations[key] = spec
+                $0.router = peer
+            }
         case .batch:
             try await publish(frame, peer: peer)
         case .error:
@@ -148,6 +154,10 @@ final class KafkaPublisher: FrameConnectionHandler, Service {
                 guard let id = box.withLockedValue({ $0 }) else { return }
                 self?.statistics(stats, producer: id)
             },
+            onError: { [weak self] error in
+                guard let id = box.withLockedValue({ $0 }) else { return }
+                self?.clientError(error, producer: id, configuration: configuration)
+            },
             onDelivery: { [weak self] reports in self?.delivered(reports) })
         box.withLockedValue { $0 = ObjectIdentifier(producer) }
         producerLogger.info("kafka producer created")
@@ -179,6 +189,25 @@ final class KafkaPublisher: FrameConnectionHandler, Service {
         Thread.detachNewThread {
             for p in unused { _ = p.flush(timeout: .seconds(30)) }
             // The producers are destroyed when the last reference (this closure's) goes.
+        }
+    }
+
+    /// A client-level error (brokers unreachable, authentication or TLS failed): reported to the
+    /// router for each destination on that producer, at most every 5 s, so `status` shows it
+    /// even before any message fails.
+    private func clientError(_ error: KafkaError, producer: ObjectIdentifier, configuration: ProducerConfiguration) {
+        let (router, keys): (FramePeer?, [String]) = state.withLockedValue { s in
+            let now = ContinuousClock.now
+            if let last = s.lastReported[producer], now - last < .seconds(5) { return (nil, []) }
+            s.lastReported[producer] = now
+            let keys = s.destinations.filter { (try? producerConfiguration(for: $0.value)) == configuration }.map(\.key)
+            return (s.router, keys)
+        }
+        guard let router else { return }
+        for key in keys {
+            var frame = Frame.error(code: error.name, message: error.message)
+            frame.destination = key
+            router.send(frame)
         }
     }
 

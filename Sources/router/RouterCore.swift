@@ -424,6 +424,15 @@ actor RouterCore {
         }
     }
 
+    /// An output's client-level error for a destination: shown by `status` as its last error.
+    func noteError(destinationKey key: String, _ text: String) {
+        for (tenant, table) in routes {
+            for (name, route) in table where route.key == key {
+                stats[RouteID(tenant: tenant, destination: name), default: RouteStats()].failed(text, at: Date())
+            }
+        }
+    }
+
     private func finish(_ id: UInt64, deadLetter: JSONValue?) {
         guard let item = work.removeValue(forKey: id) else { return }
         backlogBytes -= item.payload.readableBytes

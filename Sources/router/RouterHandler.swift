@@ -46,7 +46,12 @@ struct RouterHandler: FrameConnectionHandler {
             guard let role = peer.role, role != .ingest else { throw ProtocolViolation("unexpected \(frame.type.rawValue)") }
             await core.outcome(frame, from: peer)
         case .error:
-            core.logger.warning("peer reported an error", metadata: ["error.code": "\(frame.code ?? "")", "error": "\(frame.message ?? "")"])
+            if let key = frame.destination, peer.role == .kafkaOut || peer.role == .keenOut {
+                // An output's client error for one destination (e.g. brokers unreachable): for status.
+                await core.noteError(destinationKey: key, "\(frame.code ?? "ERROR"): \(frame.message ?? "")")
+            } else {
+                core.logger.warning("peer reported an error", metadata: ["error.code": "\(frame.code ?? "")", "error": "\(frame.message ?? "")"])
+            }
         case .status:
             guard peer.role == .admin else { throw ProtocolViolation("only admin peers ask for status") }
             var answer = Frame(type: .status, id: frame.id)

@@ -62,17 +62,29 @@ final class KafkaSecuritySystemTests: XCTestCase {
                     username: sluice
                     password: right-password
                     ssl_ca_certificate: {file: \(certs)/other-ca.pem}
+                  unreachable:
+                    kind: kafka
+                    bootstrap_servers: "127.0.0.1:1"
+                    topic: sec-unreachable
+                  systemtrust:
+                    kind: kafka
+                    bootstrap_servers: "\(sasl.bootstrapServers)"
+                    topic: sec-systemtrust
+                    username: sluice
+                    password: right-password
             """
         try group.writeConfig(config)
         try group.start("router")
-        try group.start("kafka-out")
+        // Without `ssl_ca_certificate` the system trust store decides; here it is OpenSSL's default
+        // file, pointed at the test CA (as a host would have its own CA installed).
+        try group.start("kafka-out", environment: ["SSL_CERT_FILE": "\(certs)/ca.pem"])
         try group.startIngest()
         XCTAssertTrue(eventually { (try? group.get("/readyz").status) == 200 })
         let body = Data(#"{"environment":"production","mpid":-42,"events":[]}"#.utf8)
         XCTAssertEqual(try group.post("/v2/events", body: body, user: "acme-key", password: "acme-secret").status, 202)
 
         // Right credentials deliver, through each mechanism, and with a client certificate.
-        for name in ["plain", "scram256", "scram512", "mtls"] {
+        for name in ["plain", "scram256", "scram512", "mtls", "systemtrust"] {
             var messages: [ConsumedMessage] = []
             _ = try eventually(timeout: 60) {
                 messages = try Kcat.consume(bootstrap: upstream, topic: "sec-\(name)")
@@ -95,6 +107,20 @@ final class KafkaSecuritySystemTests: XCTestCase {
             XCTAssertTrue(found, "\(e.destination): '\(e.text)' in the kafka-out log\n\(group.logs())")
         }
         XCTAssertTrue(group.logs().contains("kafka.sasl_mechanism=SCRAM-SHA-512"), "the mechanism is named")
+        // ... and `status` shows them per destination.
+        let shown: [(destination: String, text: String)] = [
+            ("wrongpw", "SASL authentication error"), ("unknownca", "certificate verify failed"),
+            ("unreachable", "Connection refused"),
+        ]
+        var status: [String: Any] = [:]
+        for e in shown {
+            let found = try eventually(timeout: 30) {
+                status = try group.status()
+                let row = (status["destinations"] as? [[String: Any]])?.first { $0["destination"] as? String == e.destination }
+                return (row?["last_error"] as? String)?.contains(e.text) == true
+            }
+            XCTAssertTrue(found, "\(e.destination): '\(e.text)' in status\n\(status)")
+        }
         // Nothing was delivered (or acknowledged) for them.
         for name in ["wrongpw", "unknownca", "wronghost", "nocert"] {
             XCTAssertEqual(try Kcat.consume(bootstrap: upstream, topic: "sec-\(name)").count, 0, name)

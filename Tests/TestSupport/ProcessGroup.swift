@@ -43,8 +43,13 @@ public final class ProcessGroup: @unchecked Sendable {
 
     /// Starts `executable` with the common options and `arguments`; its output goes to `<name>.log`.
     @discardableResult
-    public func start(_ name: String, executable: String? = nil, _ arguments: [String] = []) throws -> Process {
+    public func start(
+        _ name: String, executable: String? = nil, _ arguments: [String] = [], environment: [String: String] = [:]
+    ) throws -> Process {
         let process = Process()
+        if !environment.isEmpty {
+            process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+        }
         process.executableURL = URL(fileURLWithPath: BuiltProducts.path(executable ?? name))
         process.arguments = arguments + ["--run-dir", runDir, "--config", configPath, "--log-level", "debug"]
         let log = runDir + "/\(name).log"
