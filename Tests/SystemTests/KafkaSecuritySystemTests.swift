@@ -19,9 +19,10 @@ final class KafkaSecuritySystemTests: XCTestCase {
         let upstream = group.bootstrapServers
         let users = ["sluice": "right-password"]
         // SASL with all three mechanisms, server certificate for localhost/127.0.0.1.
+        // It also plays a cluster without the topic `sec-notopic` (and without auto-creation).
         let sasl = try KafkaFront(
             upstream: upstream, certificate: "\(certs)/server.pem", key: "\(certs)/server.key", users: users,
-            workDir: group.runDir, name: "front-sasl")
+            missingTopics: ["sec-notopic"], workDir: group.runDir, name: "front-sasl")
         // A certificate for another host name.
         let wrongHost = try KafkaFront(
             upstream: upstream, certificate: "\(certs)/wronghost.pem", key: "\(certs)/wronghost.key", users: users,
@@ -55,6 +56,7 @@ final class KafkaSecuritySystemTests: XCTestCase {
             \(destination("mtls", mtls, clientCert))
             \(destination("nocert", mtls, ""))
             \(destination("wronghost", wrongHost, "username: sluice\npassword: right-password"))
+            \(destination("notopic", sasl, "username: sluice\npassword: right-password"))
                   unknownca:
                     kind: kafka
                     bootstrap_servers: "\(sasl.bootstrapServers)"
@@ -111,16 +113,25 @@ final class KafkaSecuritySystemTests: XCTestCase {
         let shown: [(destination: String, text: String)] = [
             ("wrongpw", "SASL authentication error"), ("unknownca", "certificate verify failed"),
             ("unreachable", "Connection refused"),
+            // librdkafka gives a missing topic 30 s (topic.metadata.propagation.max.ms) to appear.
+            ("notopic", "Unknown topic"),
         ]
         var status: [String: Any] = [:]
         for e in shown {
-            let found = try eventually(timeout: 30) {
+            let found = try eventually(timeout: 60) {
                 status = try group.status()
                 let row = (status["destinations"] as? [[String: Any]])?.first { $0["destination"] as? String == e.destination }
                 return (row?["last_error"] as? String)?.contains(e.text) == true
             }
             XCTAssertTrue(found, "\(e.destination): '\(e.text)' in status\n\(status)")
         }
+        // A missing topic is not retried for ever: the batch is dead-lettered for that destination.
+        XCTAssertTrue(
+            try eventually(timeout: 30) {
+                status = try group.status()
+                let row = (status["destinations"] as? [[String: Any]])?.first { $0["destination"] as? String == "notopic" }
+                return row?["dead_letters"] as? Int == 1
+            }, "\(status)")
         // Nothing was delivered (or acknowledged) for them.
         for name in ["wrongpw", "unknownca", "wronghost", "nocert"] {
             XCTAssertEqual(try Kcat.consume(bootstrap: upstream, topic: "sec-\(name)").count, 0, name)

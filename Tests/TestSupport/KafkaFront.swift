@@ -25,7 +25,7 @@ public final class KafkaFront: @unchecked Sendable {
 
     public init(
         upstream: String, certificate: String, key: String, users: [String: String], clientCA: String? = nil,
-        sasl: Bool = true, workDir: String, name: String
+        sasl: Bool = true, missingTopics: [String] = [], workDir: String, name: String
     ) throws {
         let portsFile = "\(workDir)/\(name).ports"
         var arguments = [
@@ -35,6 +35,7 @@ public final class KafkaFront: @unchecked Sendable {
         for (user, password) in users { arguments += ["--user", "\(user):\(password)"] }
         if let clientCA { arguments += ["--client-ca", clientCA] }
         if !sasl { arguments.append("--no-sasl") }
+        for topic in missingTopics { arguments += ["--missing-topic", topic] }
         process = Process()
         process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
         process.arguments = ["python3"] + arguments

@@ -280,7 +280,13 @@ def rewrite_api_versions(body, version, add_sasl):
     return enc_i16(error) + enc_array_len(len(entries), flexible) + b"".join(e[1] for e in entries) + r.rest()
 
 
-def rewrite_metadata(body, version, node_ports):
+ERR_UNKNOWN_TOPIC_OR_PART = 3
+
+
+def rewrite_metadata(body, version, node_ports, missing_topics=()):
+    """Broker addresses → the front's listeners. Topics named in missing_topics are answered as
+    the broker answers a topic that does not exist (UNKNOWN_TOPIC_OR_PART, no partitions), as a
+    cluster without topic auto-creation would."""
     r = Reader(body)
     flexible = version >= 9
     out = bytearray()
@@ -299,8 +305,39 @@ def rewrite_metadata(body, version, node_ports):
             out += r.skip(r.string, flexible)  # rack
         if flexible:
             out += r.skip(r.tagged_fields)
+    if not missing_topics:
+        out += r.rest()
+        return bytes(out)
+    if version >= 2:
+        out += r.skip(r.string, flexible)  # cluster_id
+    if version >= 1:
+        out += r.raw(4)  # controller_id
+    n = r.array_len(flexible)
+    out += enc_array_len(n, flexible)
+    for _ in range(max(n, 0)):
+        error = r.i16()
+        name = r.string(flexible)
+        topic_id = r.raw(16) if version >= 10 else b""
+        internal = r.raw(1) if version >= 1 else b""
+        partitions = r.skip(skip_metadata_partitions, r, version, flexible)
+        authorized = r.raw(4) if version >= 8 else b""
+        tags = r.skip(r.tagged_fields) if flexible else b""
+        if name in missing_topics:
+            error, partitions = ERR_UNKNOWN_TOPIC_OR_PART, enc_array_len(0, flexible)
+        out += enc_i16(error) + enc_string(name, flexible) + topic_id + internal + partitions + authorized + tags
     out += r.rest()
     return bytes(out)
+
+
+def skip_metadata_partitions(r, version, flexible):
+    for _ in range(max(r.array_len(flexible), 0)):
+        r.raw(2 + 4 + 4)  # error_code, partition_index, leader_id
+        if version >= 7:
+            r.raw(4)  # leader_epoch
+        for _ in range(3 if version >= 5 else 2):  # replica_nodes, isr_nodes[, offline_replicas]
+            r.raw(4 * max(r.array_len(flexible), 0))
+        if flexible:
+            r.tagged_fields()
 
 
 def rewrite_find_coordinator(body, version, node_ports):
@@ -349,7 +386,7 @@ def rewrite_response(frame, api_key, version, front):
     if api_key == API_API_VERSIONS:
         new_body = rewrite_api_versions(body, version, front.sasl_enabled)
     elif api_key == API_METADATA:
-        new_body = rewrite_metadata(body, version, front.node_ports)
+        new_body = rewrite_metadata(body, version, front.node_ports, front.missing_topics)
     else:
         new_body = rewrite_find_coordinator(body, version, front.node_ports)
     return header + new_body
@@ -863,6 +900,7 @@ class Front:
         if self.sasl_enabled and not self.users:
             raise SystemExit("at least one --user is needed unless --no-sasl")
         self.client_ca = args.client_ca
+        self.missing_topics = frozenset(args.missing_topic or [])
         self.upstream = [parse_hostport(a) for a in args.upstream.split(",") if a.strip()]
         self.nodes = []        # [{node_id, host, port}], listener order
         self.node_ports = {}   # node_id -> front listener port
@@ -1185,6 +1223,8 @@ def main():
     p.add_argument("--no-sasl", action="store_true", help="TLS only (security.protocol=SSL clients)")
     p.add_argument("--ports-file", required=True, help="written once listening: 127.0.0.1:p1,127.0.0.1:p2,...")
     p.add_argument("--log", help="debug log file")
+    p.add_argument("--missing-topic", action="append",
+                   help="answer Metadata for this topic as a broker without it (UNKNOWN_TOPIC_OR_PART); repeatable")
     args = p.parse_args()
 
     global _log_file
