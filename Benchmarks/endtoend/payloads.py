@@ -2,7 +2,9 @@
 
 A large batch has 50 events (about 20 KB), a small one 1 to 5. Every event type used is one the Kafka
 integration forwards under the default connection settings, so events in equal events out.
-`user_identities` is the inbound map form that mParticle's SDKs send. MPID, batch_id and the
+`user_identities` is the inbound map form that mParticle's SDKs send (which Sluice rewrites into
+the outgoing array), or with identities="array" already the array (which Sluice can forward
+unchanged). MPID, batch_id and the
 source_message_id prefix are placeholders that load.lua fills with fresh values per request.
 """
 import json
@@ -43,7 +45,7 @@ def _event(rng, n, kind, session_id, t):
     return {"event_type": kind, "data": data}
 
 
-def batch(rng, events):
+def batch(rng, events, identities="map"):
     """One batch template (JSON text with placeholders) with `events` events."""
     t = 1700000000000 + rng.randint(0, 10**9)
     session_id = rng.randint(-2**63, 2**63 - 1)
@@ -66,11 +68,14 @@ def batch(rng, events):
         "source_info": {"channel": "native", "partner": "mparticle"},
         "events": [_event(rng, n, kind, session_id, t + 1000 * n) for n, kind in enumerate(kinds)],
     }
+    if identities == "array":
+        doc["user_identities"] = [{"identity_type": k, "identity": v, "timestamp_unixtime_ms": t}
+                                  for k, v in doc["user_identities"].items()]
     text = json.dumps(doc, separators=(",", ":"))
     return text.replace('"__MPID__"', "{{MPID}}").replace('"__BID__"', "{{BID}}")
 
 
-def write_templates(path, mix, seed=7, variants=16):
+def write_templates(path, mix, identities="map", seed=7, variants=16):
     """Writes EVENTS<TAB>BODY lines: `variants` of each kind, repeated by the mix's weights.
     Returns (events per request, bytes per request) averaged over the file."""
     rng = random.Random(seed)
@@ -78,7 +83,7 @@ def write_templates(path, mix, seed=7, variants=16):
     for _ in range(variants):
         for kind, weight in mix.items():
             n = 50 if kind == "large" else rng.randint(1, 5)
-            body = batch(rng, n)
+            body = batch(rng, n, identities)
             lines += [(n, body)] * weight
     with open(path, "w") as f:
         for n, body in lines:

@@ -122,6 +122,7 @@ class Proc:
             try:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
+                say(f"warning: {self.name} did not exit within {timeout} s of SIGTERM; killing it")
                 self.popen.kill()
                 self.popen.wait()
         self.log.close()
@@ -177,7 +178,8 @@ class Mode:
         self.creds_file.write_text("".join("Basic " + base64.b64encode(f"{k}:{s}".encode()).decode() + "\n"
                                            for k, s in self.creds))
         self.templates = self.dir / "templates"
-        self.events_per_request, self.bytes_per_request = payloads.write_templates(self.templates, opts.mix_weights)
+        self.events_per_request, self.bytes_per_request = payloads.write_templates(
+            self.templates, opts.mix_weights, opts.identities)
         # messages per request, and events per message, as produced
         self.msgs_per_request = 1 if send_as_batch else self.events_per_request
         self.events_per_msg = self.events_per_request if send_as_batch else 1
@@ -359,7 +361,7 @@ def mode_report(m):
     o = m.opts
     lines = [f"### send_as_batch: {str(m.send_as_batch).lower()}, {m.tenants} tenant{'s' if m.tenants > 1 else ''}", "",
              f"Requests: {m.events_per_request:.1f} events and {m.bytes_per_request / 1024:.1f} KB on average "
-             f"(mix {o.mix}); {o.connections} connections; {o.duration} s per step. "
+             f"(mix {o.mix}, user_identities as {o.identities}); {o.connections} connections; {o.duration} s per step. "
              f"Messages: {m.events_per_msg:.1f} events each.", "",
              "| system | load | req/s | accepted ev/s | delivered ev/s | delivered msgs/s | delivered MB/s | drain s "
              "| p50 ms | p99 ms | p99.9 ms | not 202 |",
@@ -389,6 +391,10 @@ def mode_report(m):
     half = by.get(("sluice", "50%"))
     if half:
         ratios.append(f"Sluice p99 at 50% load: {half['p99']:.2f} ms (target ≤ 10 ms)")
+    peaks = [(peak, name) for r in m.results if r["system"] == "sluice"
+             for name, (_, peak) in r["cpu"].items() if peak and name != "dev-cluster"]
+    if peaks:
+        ratios.append("Sluice's largest peak RSS: %.0f MB, %s (target ≤ 64 MB per process)" % max(peaks))
     lines += [""] + [f"- {x}" for x in ratios]
     names = []
     for r in m.results:
@@ -406,6 +412,21 @@ def mode_report(m):
             cells.append(f"{cpu:.1f} ({cpu / wall:.2f})" + (f", {peak:.0f} MB" if peak else ""))
         lines.append(f"| {LABELS[r['system']]} | {r['load']} | {wall:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def fsync_cost(directory, n=200):
+    """p50 and p99 of fsync after a 16 KB write, in ms, on the filesystem of the spool."""
+    path, times = Path(directory) / "fsync-probe", []
+    with open(path, "wb") as f:
+        for _ in range(n):
+            f.write(b"x" * 16384)
+            f.flush()
+            t = time.perf_counter()
+            os.fsync(f.fileno())
+            times.append((time.perf_counter() - t) * 1e3)
+    path.unlink()
+    times.sort()
+    return times[n // 2], times[n * 99 // 100]
 
 
 def machine():
@@ -439,7 +460,9 @@ def versions():
 def report(modes, opts, started):
     head = [f"## {started:%Y-%m-%d %H:%M} UTC, commit {commit()}", "",
             f"- Machine: {machine()}", f"- Command: `{opts.command}`",
-            f"- Sluice binaries: {os.path.relpath(opts.bin_origin, ROOT)}, built {opts.built:%Y-%m-%d %H:%M} UTC", f"- Versions: {versions()}", ""]
+            f"- Sluice binaries: {os.path.relpath(opts.bin_origin, ROOT)}, built {opts.built:%Y-%m-%d %H:%M} UTC",
+            f"- Versions: {versions()}",
+            "- fsync after a 16 KB write where the spool lives: p50 %.2f ms, p99 %.2f ms" % opts.fsync, ""]
     return "\n".join(head + ["\n\n".join(mode_report(m) for m in modes), ""])
 
 
@@ -464,6 +487,8 @@ def parse_args():
     p.add_argument("--modes", help="comma list of SENDAS:TENANTS, SENDAS batch or event "
                                    "(default batch:1,event:1,batch:50,event:50; quick: batch:1)")
     p.add_argument("--mix", default="large=1,small=1", help="request mix by weight: large (50 events) and small (1-5)")
+    p.add_argument("--identities", choices=["map", "array"], default="map",
+                   help="user_identities as the inbound map (Sluice rewrites it) or the outgoing array (forwarded as is)")
     p.add_argument("--connections", type=int, default=16)
     p.add_argument("--wrk-threads", type=int, default=1)
     p.add_argument("--partitions", type=int, default=6, help="partitions per topic")
@@ -507,6 +532,7 @@ def main():
     for name in BINARIES:
         shutil.copy2(opts.bin_dir / name, work / "bin" / name)
     opts.bin_origin, opts.bin_dir = opts.bin_dir, work / "bin"
+    opts.fsync = fsync_cost(work)
     opts.raw_producer = work / "raw_producer"
     subprocess.run(["gcc", "-O2", "-o", str(opts.raw_producer), str(BENCH / "baselines" / "raw_producer.c"),
                     "-lrdkafka"], check=True)
