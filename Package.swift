@@ -70,9 +70,18 @@ let package = Package(
                 .product(name: "GRDB", package: "GRDB.swift"),
             ]
         ),
+        // What both output processes share: handing messages to Kafka and answering the router.
+        .target(
+            name: "Outputs",
+            dependencies: [
+                "Shared", "KafkaClient", "Observability",
+                .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "NIOCore", package: "swift-nio"),
+            ]
+        ),
         .executableTarget(name: "router", dependencies: ["Shared", "Observability"]),
-        .executableTarget(name: "kafka-out", dependencies: ["Shared", "KafkaClient", "Observability"]),
-        .executableTarget(name: "keen-out", dependencies: ["Shared", "CCurl", "Observability"]),
+        .executableTarget(name: "kafka-out", dependencies: ["Shared", "KafkaClient", "Outputs", "Observability"]),
+        .executableTarget(name: "keen-out", dependencies: ["Shared", "KafkaClient", "Outputs", "CCurl", "Observability"]),
 
         .testTarget(
             name: "SharedTests",

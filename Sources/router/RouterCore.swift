@@ -31,6 +31,8 @@ actor RouterCore {
         var role: PeerRole
         var spec: ByteBuffer
         var key: String?
+        /// Per message: the Keen collection (keen-out's topic); nil when the destination's own.
+        var topic: String?
         var headers: [Header]?
         var payload: ByteBuffer
         var attempts = 0
@@ -266,20 +268,43 @@ actor RouterCore {
         let receivedAt = Int64(Date().timeIntervalSince1970 * 1000)
         var tree: JSONValue?
         var items: [Work] = []
+        var dead: [JSONValue] = []
         for route in targets {
-            let messages: [ByteBuffer]
+            var messages: [ByteBuffer] = []
+            var topics: [String] = []
             var eventIDs: [String] = []
             let id = RouteID(tenant: tenant, destination: route.destination.name)
-            switch route.destination.kind {
-            case .kafka(let kafka):
-                if tree == nil {
-                    do {
-                        tree = try JSONValue.parse(payload)
-                    } catch {
-                        ingest.send(.nack(frame.id, reason: "the batch is not valid JSON: \(error)", retryable: false))
-                        return
-                    }
+            if tree == nil {
+                do {
+                    tree = try JSONValue.parse(payload)
+                } catch {
+                    ingest.send(.nack(frame.id, reason: "the batch is not valid JSON: \(error)", retryable: false))
+                    return
                 }
+            }
+            switch route.destination.kind {
+            case .keen(let keen):
+                let batchID = frame.headers?.first { $0.name == "sluice-batch-id" }?.value
+                let output = keen.events(from: tree!, batchID: batchID, receivedAt: receivedAt)
+                messages = output.events.map(\.payload)
+                topics = output.events.map(\.collection)
+                eventIDs = output.events.map(\.eventID)
+                if !output.rejected.isEmpty {
+                    // Keen would refuse (or silently skip) these: never sent, reported with the reason.
+                    let reason = output.rejected.map(\.reason).joined(separator: "; ")
+                    logger.error(
+                        "events refused for Keen; dead-lettered",
+                        metadata: ["tenant.id": "\(tenant)", "destination": "\(route.destination.name)", "error": "\(reason)"])
+                    stats[id, default: RouteStats()].failed(reason, at: Date())
+                    stats[id]?.deadLettered += output.rejected.count
+                    metrics.messages(.keenOut, "dead_lettered").increment(by: Int64(output.rejected.count))
+                    dead.append(
+                        .object([
+                            .init("destination", .string(route.destination.name)), .init("reason", .string(reason)),
+                            .init("attempts", .number("0")),
+                        ]))
+                }
+            case .kafka(let kafka):
                 let output = kafka.settings.apply(to: tree!, original: payload, receivedAt: receivedAt)
                 metrics.eventsUnsupported.increment(by: Int64(output.unsupportedEvents))
                 metrics.eventsFiltered.increment(by: Int64(output.filteredEvents))
@@ -301,14 +326,18 @@ actor RouterCore {
                 items.append(
                     Work(
                         batchID: frame.id, route: id, destinationKey: route.key, role: route.destination.role,
-                        spec: route.spec, key: frame.key, headers: headers.isEmpty ? nil : headers, payload: message))
+                        spec: route.spec, key: frame.key, topic: i < topics.count ? topics[i] : nil,
+                        headers: headers.isEmpty ? nil : headers, payload: message))
             }
         }
         guard !items.isEmpty else {
-            ingest.send(.ack(frame.id))  // nothing to send anywhere
+            // Nothing to send anywhere (or all of it refused).
+            var ack = Frame.ack(frame.id)
+            if !dead.isEmpty { ack.payload = JSONValue.object([.init("dead", .array(dead))]).jsonBytes }
+            ingest.send(ack)
             return
         }
-        progress[frame.id] = Progress(ingest: ingest, remaining: items.count)
+        progress[frame.id] = Progress(ingest: ingest, remaining: items.count, dead: dead)
         for item in items {
             let id = nextID
             nextID += 1
@@ -356,6 +385,7 @@ actor RouterCore {
         frame.tenant = item.route.tenant
         frame.destination = item.destinationKey
         frame.key = item.key
+        frame.topic = item.topic
         frame.headers = item.headers
         frame.payload = item.payload
         peer.send(frame)

@@ -102,7 +102,36 @@ final class ConfigTests: XCTestCase {
             contains: ["destination 'd1'", "'kind'", "required"])
         assertError(
             "tenants: {t1: {api_key: k, api_secret: s, destinations: {d1: {kind: keen}}}}\n",
-            contains: ["destination 'd1'", "not supported"])
+            contains: ["destination 'd1'", "'project_id'", "required"])
+    }
+
+    func keen(_ body: String) -> String {
+        "tenants:\n  t1:\n    api_key: k\n    api_secret: s\n    destinations:\n      d1:\n        kind: keen\n"
+            + body.split(separator: "\n").map { "        " + $0 }.joined(separator: "\n") + "\n"
+    }
+
+    func testKeenDestination() throws {
+        let config = try SluiceConfig.parse(
+            yaml: keen("project_id: p1\nkey: {env: KEEN_KEY}\ncollection: mparticle.{event_type}"),
+            environment: ["KEEN_KEY": "write-key-1"])
+        guard case .keen(let k) = config.tenants[0].destinations[0].kind else { return XCTFail("not keen") }
+        XCTAssertEqual(k.projectID, "p1")
+        XCTAssertEqual(k.key.value, "write-key-1")
+        XCTAssertEqual(k.transport, .kafka)
+        XCTAssertEqual(k.bootstrapServers, "b1.kafka-in.keen.io:9092,b2.kafka-in.keen.io:9092,b3.kafka-in.keen.io:9092")
+        XCTAssertEqual(k.httpBaseURL, "https://api.keen.io")
+        XCTAssertTrue(k.uniquenessToken)
+        XCTAssertEqual(k.collection(eventType: "screen_view"), "mparticle.screen_view")
+        XCTAssertEqual(config.tenants[0].destinations[0].role, .keenOut)
+        XCTAssertFalse("\(config)".contains("write-key-1"), "the key is a secret")
+
+        assertError(keen("project_id: p1\ncollection: c"), contains: ["'key'", "required"])
+        assertError(keen("project_id: p1\nkey: k\ncollection: _hidden"), contains: ["'collection'", "starts with '_'"])
+        assertError(keen("project_id: p1\nkey: k\ncollection: a b"), contains: ["'collection'", "' '"])
+        assertError(keen("project_id: p1\nkey: k\ncollection: \(String(repeating: "x", count: 65))"), contains: ["longer than 64"])
+        assertError(keen("project_id: p1\nkey: k\ncollection: c\ntransport: smoke"), contains: ["'transport'", "kafka or http"])
+        assertError(keen("project_id: p1\nkey: k\ncollection: c\nhttp_base_url: ftp://x"), contains: ["'http_base_url'"])
+        assertError(keen("project_id: p1\nkey: k\ncollection: c\ntopic: t"), contains: ["'topic'"])
     }
 
     func testKafkaDestinationErrorPaths() {

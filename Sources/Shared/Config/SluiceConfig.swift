@@ -49,6 +49,7 @@ public struct Tenant: Sendable, Equatable {
 public struct Destination: Sendable, Equatable {
     public enum Kind: Sendable, Equatable {
         case kafka(KafkaDestination)
+        case keen(KeenDestination)
     }
 
     public var name: String
@@ -63,6 +64,7 @@ public struct Destination: Sendable, Equatable {
     public var role: PeerRole {
         switch kind {
         case .kafka: return .kafkaOut
+        case .keen: return .keenOut
         }
     }
 }
@@ -226,9 +228,9 @@ extension SluiceConfig {
         case "kafka":
             return Destination(name: name, kind: .kafka(try parseKafka(node)))
         case "keen":
-            throw node.fail("Keen destinations are not supported by this version of Sluice yet", field: "kind")
+            return Destination(name: name, kind: .keen(try parseKeen(node)))
         default:
-            throw node.fail("unknown destination kind '\(kind)' (known: kafka)", field: "kind")
+            throw node.fail("unknown destination kind '\(kind)' (known: kafka, keen)", field: "kind")
         }
     }
 

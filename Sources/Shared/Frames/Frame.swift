@@ -61,6 +61,9 @@ public struct Frame: Sendable, Equatable {
     /// On batches from ingest: the digest of the config file ingest runs on, so the router can
     /// catch up with a reload before routing (see `ConfigWatcher.digest`).
     public var config: String?
+    /// On batches to outputs: where this message goes when it is not the destination's own topic
+    /// (a Keen collection derived from the event type).
+    public var topic: String?
     /// Kafka message headers (name, value), for batches sent to outputs.
     public var headers: [Header]?
     /// Raw JSON (a batch, or a destination's settings). Must be a valid JSON document.
@@ -147,6 +150,7 @@ extension Frame {
         field(",\"code\":", code)
         field(",\"message\":", message)
         field(",\"config\":", config)
+        field(",\"topic\":", topic)
         if let headers {
             out.writeStaticString(",\"headers\":{")
             for (i, h) in headers.enumerated() {
@@ -207,6 +211,7 @@ extension Frame {
                     case "code": frame.code = try text()
                     case "message": frame.message = try text()
                     case "config": frame.config = try text()
+                    case "topic": frame.topic = try text()
                     case "retryable":
                         guard JSON.kind(value) == .bool else { throw FrameError.invalidFrame("'retryable' must be a boolean") }
                         frame.retryable = value.first == UInt8(ascii: "t")

@@ -40,12 +40,14 @@ extension Destination {
     public var kindName: String {
         switch kind {
         case .kafka: return "kafka"
+        case .keen: return "keen"
         }
     }
 
     public var wireJSON: JSONValue {
         switch kind {
         case .kafka(let k): return k.wireJSON
+        case .keen(let k): return k.wireJSON
         }
     }
 
@@ -54,5 +56,30 @@ extension Destination {
     /// always goes out with the settings it was routed under. (No hash of the settings: they hold secrets.)
     public func wireKey(tenant: String, generation: Int) -> String {
         "\(tenant)/\(name)#\(generation)"
+    }
+}
+
+/// What keen-out needs of a Keen destination (the router has already made the events).
+extension KeenDestination {
+    public var wireJSON: JSONValue {
+        var members: [JSONValue.Member] = [
+            .init("kind", .string("keen")), .init("project_id", .string(projectID)), .init("key", .string(key.value)),
+            .init("transport", .string(transport.rawValue)), .init("bootstrap_servers", .string(bootstrapServers)),
+            .init("http_base_url", .string(httpBaseURL)),
+        ]
+        if let ca = sslCAPEM { members.append(.init("ssl_ca_certificate", .string(ca))) }
+        return .object(members)
+    }
+
+    public init(wireJSON json: JSONValue) throws(FrameError) {
+        guard json["kind"]?.stringValue == "keen", let project = json["project_id"]?.stringValue,
+            let key = json["key"]?.stringValue,
+            let transport = KeenDestination.Transport(rawValue: json["transport"]?.stringValue ?? "kafka")
+        else { throw .invalidFrame("destination payload is not a Keen destination") }
+        self.init(
+            projectID: project, key: Secret(key), collection: "-", transport: transport,
+            bootstrapServers: json["bootstrap_servers"]?.stringValue ?? KeenDestination.defaultBootstrapServers,
+            httpBaseURL: json["http_base_url"]?.stringValue ?? KeenDestination.defaultHTTPBaseURL,
+            sslCAPEM: json["ssl_ca_certificate"]?.stringValue)
     }
 }
