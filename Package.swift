@@ -81,7 +81,9 @@ let package = Package(
         ),
         .executableTarget(name: "router", dependencies: ["Shared", "Observability"]),
         .executableTarget(name: "kafka-out", dependencies: ["Shared", "KafkaClient", "Outputs", "Observability"]),
-        .executableTarget(name: "keen-out", dependencies: ["Shared", "KafkaClient", "Outputs", "CCurl", "Observability"]),
+        .executableTarget(
+            name: "keen-out",
+            dependencies: ["Shared", "KafkaClient", "Outputs", "CCurl", "Observability", .product(name: "NIOCore", package: "swift-nio")]),
 
         .testTarget(
             name: "SharedTests",
