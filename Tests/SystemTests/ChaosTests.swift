@@ -19,8 +19,26 @@ final class ChaosTests: XCTestCase {
     }
 
     func testSIGKILLEachProcessUnderLoadLosesNothingAccepted() throws {
-        let group = try ProcessGroup(config: ProcessGroup.acmeConfig(topic: "chaos"))
-        try group.startAll(topics: ["chaos:4"])
+        // Two destinations: Kafka (kafka-out) and Keen over HTTP (keen-out, against the emulator).
+        let group = try ProcessGroup(config: "tenants: {}\n")
+        let keen = try KeenEmulator(workDir: group.runDir)
+        try group.writeConfig(
+            ProcessGroup.acmeConfig(topic: "chaos") + """
+
+                      keen:
+                        kind: keen
+                        transport: http
+                        http_base_url: \(keen.baseURL)
+                        project_id: \(KeenEmulator.project)
+                        key: \(KeenEmulator.writeKey)
+                        collection: chaos
+                """)
+        try group.startDevCluster(topics: ["chaos:4"])
+        try group.start("router")
+        try group.start("kafka-out")
+        try group.start("keen-out")
+        try group.startIngest()
+        XCTAssertTrue(eventually { (try? group.get("/readyz").status) == 200 }, group.logs())
         let ledger = Ledger()
         let load = Thread {
             var n = 0
@@ -42,7 +60,7 @@ final class ChaosTests: XCTestCase {
         let seconds = Double(ProcessInfo.processInfo.environment["SLUICE_CHAOS_SECONDS"] ?? "") ?? 12
         let rounds = max(1, Int(seconds / 6))
         for _ in 0..<rounds {
-            for name in ["router", "kafka-out", "ingest"] {
+            for name in ["router", "kafka-out", "keen-out", "ingest"] {
                 usleep(1_000_000)
                 group.stop(name, signal: SIGKILL)
                 usleep(300_000)
@@ -75,7 +93,16 @@ final class ChaosTests: XCTestCase {
         let duplicates = seen.values.filter { $0 > 1 }.count
         // A duplicate carries the same sluice-batch-id as its original, so consumers can drop it.
         XCTAssertTrue(batchHeaders.values.allSatisfy { $0.count == 1 && !$0.contains("none") }, "\(batchHeaders.filter { $0.value.count != 1 }.prefix(5))")
-        print("chaos: accepted \(accepted.count), refused \(refused.count), unknown \(ledger.unknown.count), delivered \(seen.count) distinct, \(duplicates) duplicated")
+        // Keen has every accepted batch's event too (Keen drops repeats by uniqueness token).
+        var inKeen = Set<Int>()
+        _ = try eventually(timeout: 120) {
+            inKeen = Set(try keen.events("chaos").compactMap { ($0["mparticle"] as? [String: Any])?["batch_id"] as? Int })
+            return accepted.isSubset(of: inKeen)
+        }
+        let missingInKeen = accepted.subtracting(inKeen)
+        XCTAssertTrue(missingInKeen.isEmpty, "accepted but not in Keen: \(missingInKeen.sorted().prefix(20))")
+        XCTAssertTrue(refused.intersection(inKeen).isEmpty, "refused but delivered to Keen")
+        print("chaos: accepted \(accepted.count), refused \(refused.count), unknown \(ledger.unknown.count), delivered \(seen.count) distinct, \(duplicates) duplicated; Keen has \(inKeen.count)")
     }
 }
 
