@@ -50,6 +50,8 @@ public struct ProducerConfiguration: Sendable, Equatable, Hashable {
     public var queueMaxKilobytes = 64 * 1024
     /// How often librdkafka reports its statistics (queue depth, broker round trips); 0 = never.
     public var statisticsInterval: Duration = .seconds(5)
+    /// Produce requests in flight per broker connection (librdkafka's default, 5, when nil).
+    public var maxInFlight: Int?
 
     public init(bootstrapServers: String, securityProtocol: SecurityProtocol, sasl: SASL? = nil, tls: TLS = TLS()) {
         self.bootstrapServers = bootstrapServers
@@ -83,6 +85,7 @@ public struct ProducerConfiguration: Sendable, Equatable, Hashable {
             ("statistics.interval.ms", Self.milliseconds(statisticsInterval)),
             ("security.protocol", securityProtocol.rawValue),
         ]
+        if let maxInFlight { p.append(("max.in.flight.requests.per.connection", String(maxInFlight))) }
         if securityProtocol != .plaintext {
             p.append(("ssl.endpoint.identification.algorithm", "https"))
             if let key = tls.privateKeyPEM { p.append(("ssl.key.pem", key)) }

@@ -29,6 +29,9 @@ struct Run: AsyncParsableCommand {
     @Option(help: "How long librdkafka may try to deliver a message before reporting it failed (it is then retried, not dropped).")
     var messageTimeoutMs: Int = 300_000
 
+    @Option(help: "Produce requests in flight per broker connection (1-5; librdkafka's default 5). Ordering and idempotence hold either way.")
+    var maxInFlight: Int?
+
     @Option(help: "Serve Prometheus metrics and /healthz on HOST:PORT (e.g. 127.0.0.1:9102). Off when not given.")
     var metricsListen: String?
 
@@ -36,7 +39,7 @@ struct Run: AsyncParsableCommand {
         let logger = try options.start(process: "kafka-out")
         let devFile = devBootstrapFile ?? DevCluster.defaultBootstrapFile(runDir: options.runDir)
         let publisher = KafkaPublisher(
-            devBootstrapFile: devFile, messageTimeout: .milliseconds(messageTimeoutMs), logger: logger)
+            devBootstrapFile: devFile, messageTimeout: .milliseconds(messageTimeoutMs), maxInFlight: maxInFlight, logger: logger)
         let client = FrameClient(
             path: options.routerSocketPath, role: .kafkaOut,
             instance: instance ?? "kafka-out-\(ProcessInfo.processInfo.processIdentifier)",

@@ -22,13 +22,15 @@ final class KafkaPublisher: FrameConnectionHandler, Service {
     private let state = NIOLockedValueBox(State())
     private let devBootstrapFile: String
     private let messageTimeout: Duration
+    private let maxInFlight: Int?
     private let logger: Logger
     private let metrics = OutputMetrics(process: "kafka_out")
     private let pool: ProducerPool<Delivery>
 
-    init(devBootstrapFile: String, messageTimeout: Duration = .seconds(300), logger: Logger) {
+    init(devBootstrapFile: String, messageTimeout: Duration = .seconds(300), maxInFlight: Int? = nil, logger: Logger) {
         self.devBootstrapFile = devBootstrapFile
         self.messageTimeout = messageTimeout
+        self.maxInFlight = maxInFlight
         self.logger = logger
         let metrics = self.metrics
         let relay = WeakRelay<KafkaPublisher>()
@@ -145,6 +147,7 @@ final class KafkaPublisher: FrameConnectionHandler, Service {
         }
         var configuration = ProducerConfiguration(destination: d, bootstrapServers: bootstrap)
         configuration.messageTimeout = messageTimeout
+        configuration.maxInFlight = maxInFlight
         return configuration
     }
 }
