@@ -155,4 +155,52 @@ final class KeenTests: XCTestCase {
         XCTAssertEqual(try verify(["m-1", "m-3"]), 1, "m-3 was refused: not all arrived")
         XCTAssertFalse(group.logs().contains(KeenEmulator.writeKey), "the key is never logged")
     }
+
+    /// HTTPS with verification: the emulator's certificate is trusted only through the configured CA.
+    func testHTTPSVerifiesTheServerCertificate() throws {
+        let group = try ProcessGroup(config: "tenants: {}\n")
+        let certs = group.runDir + "/certs"
+        try TestTools.makeCertificates(in: certs)
+        let keen = try KeenEmulator(workDir: group.runDir, tls: ("\(certs)/server.pem", "\(certs)/server.key"))
+        func destination(_ name: String, ca: String) -> String {
+            """
+                  \(name):
+                    kind: keen
+                    transport: http
+                    http_base_url: \(keen.baseURL)
+                    project_id: \(KeenEmulator.project)
+                    key: \(KeenEmulator.writeKey)
+                    collection: \(name)
+                    ssl_ca_certificate: {file: \(certs)/\(ca)}
+            """
+        }
+        try group.writeConfig(
+            """
+            tenants:
+              acme:
+                api_key: acme-key
+                api_secret: acme-secret
+                destinations:
+            \(destination("trusted", ca: "ca.pem"))
+            \(destination("untrusted", ca: "other-ca.pem"))
+            """)
+        try group.start("router")
+        try group.start("keen-out")
+        try group.startIngest()
+        XCTAssertTrue(eventually { (try? group.get("/readyz").status) == 200 }, group.logs())
+        XCTAssertEqual(
+            try group.post("/v2/events", body: batch(events: [custom("Buy", id: "t-1")]), user: "acme-key", password: "acme-secret").status,
+            202)
+        var trusted: [String: Any]?
+        var untrusted: [String: Any]?
+        XCTAssertTrue(
+            try eventually(timeout: 30) {
+                trusted = try destinationRow(group, "trusted")
+                untrusted = try destinationRow(group, "untrusted")
+                return trusted?["delivered"] as? Int == 1 && (untrusted?["last_error"] as? String) != nil
+            }, "\(String(describing: trusted)) \(String(describing: untrusted))")
+        XCTAssertEqual(untrusted?["delivered"] as? Int, 0)
+        let error = untrusted?["last_error"] as? String ?? ""
+        XCTAssertTrue(error.contains("certificate") || error.contains("SSL"), error)
+    }
 }

@@ -13,7 +13,8 @@ public final class KeenEmulator: @unchecked Sendable {
     public static let writeKey = "keen-write-key-5e1f"
     public static let readKey = "keen-read-key-77aa"
 
-    public init(workDir: String) throws {
+    /// `tls`: (certificate, key) PEM files to serve HTTPS with.
+    public init(workDir: String, tls: (certificate: String, key: String)? = nil) throws {
         let portFile = workDir + "/keen.port"
         process = Process()
         process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
@@ -22,6 +23,7 @@ public final class KeenEmulator: @unchecked Sendable {
             Self.project, "--write-key", Self.writeKey, "--read-key", Self.readKey, "--master-key", "keen-master-key",
             "--port-file", portFile, "--log", workDir + "/keen-emulator.log",
         ]
+        if let tls { process.arguments! += ["--tls-cert", tls.certificate, "--tls-key", tls.key] }
         process.standardOutput = FileHandle.nullDevice
         try process.run()
         var address = ""
@@ -30,7 +32,7 @@ public final class KeenEmulator: @unchecked Sendable {
             return !address.isEmpty
         }
         guard !address.isEmpty else { throw ProcessGroup.Failure("the Keen emulator did not start") }
-        baseURL = "http://\(address)"
+        baseURL = (tls == nil ? "http://" : "https://") + address.replacingOccurrences(of: "127.0.0.1", with: tls == nil ? "127.0.0.1" : "localhost")
     }
 
     deinit {
@@ -53,6 +55,7 @@ public final class KeenEmulator: @unchecked Sendable {
     }
 
     private func request(_ method: String, _ path: String, body: String?) throws -> String {
+        precondition(baseURL.hasPrefix("http://"), "control requests need the plain-HTTP emulator")
         var request = URLRequest(url: URL(string: baseURL + path)!)
         request.httpMethod = method
         request.httpBody = body.map { Data($0.utf8) }
