@@ -169,11 +169,11 @@ final class Spool: Sendable {
     func pending(_ target: DeliveryTarget, after: Int64, limit: Int) throws -> [SpooledDelivery] {
         try db.read { db in
             try Row.fetchAll(
-                db,
-                sql: """
-                    SELECT d.id, d.batch_id, b.key, b.payload FROM deliveries d JOIN batches b ON b.id = d.batch_id
-                    WHERE d.tenant = ? AND d.destination = ? AND d.id > ? ORDER BY d.id LIMIT ?
-                    """,
+                db.cachedStatement(
+                    sql: """
+                        SELECT d.id, d.batch_id, b.key, b.payload FROM deliveries d JOIN batches b ON b.id = d.batch_id
+                        WHERE d.tenant = ? AND d.destination = ? AND d.id > ? ORDER BY d.id LIMIT ?
+                        """),
                 arguments: [target.tenant, target.destination, after, limit]
             ).map { row in
                 let data: Data = row["payload"]
@@ -218,16 +218,15 @@ final class Spool: Sendable {
                         case .append(let batches, let tenant, let destinations, _):
                             var these: [Int64] = []
                             for b in batches {
-                                try db.execute(
-                                    sql: "INSERT INTO batches (tenant, key, payload, received_at) VALUES (?, ?, ?, ?)",
-                                    arguments: [tenant, b.mpid, Data(b.bytes.readableBytesView), now])
+                                try db.cachedStatement(
+                                    sql: "INSERT INTO batches (tenant, key, payload, received_at) VALUES (?, ?, ?, ?)"
+                                ).execute(arguments: [tenant, b.mpid, Data(b.bytes.readableBytesView), now])
                                 let batchID = db.lastInsertedRowID
                                 these.append(batchID)
                                 bytes += b.bytes.readableBytes
                                 for d in destinations {
-                                    try db.execute(
-                                        sql: "INSERT INTO deliveries (batch_id, tenant, destination) VALUES (?, ?, ?)",
-                                        arguments: [batchID, tenant, d])
+                                    try db.cachedStatement(sql: "INSERT INTO deliveries (batch_id, tenant, destination) VALUES (?, ?, ?)")
+                                        .execute(arguments: [batchID, tenant, d])
                                     backlog[DeliveryTarget(tenant: tenant, destination: d), default: 0] += 1
                                 }
                             }
@@ -248,7 +247,8 @@ final class Spool: Sendable {
                         case .complete(let delivery, let deadLetter):
                             guard
                                 let row = try Row.fetchOne(
-                                    db, sql: "SELECT tenant, destination FROM deliveries WHERE id = ?", arguments: [delivery])
+                                    db.cachedStatement(sql: "SELECT tenant, destination FROM deliveries WHERE id = ?"),
+                                    arguments: [delivery])
                             else { continue }  // already finished (a repeated ack)
                             bytes -= try Spool.finish(db, delivery: delivery, deadLetter: deadLetter, now: now)
                             let target = DeliveryTarget(tenant: row["tenant"], destination: row["destination"])
@@ -279,7 +279,10 @@ final class Spool: Sendable {
     /// Removes a delivery (keeping a dead letter if given) and its batch once no delivery needs it.
     /// Returns the bytes freed.
     private static func finish(_ db: Database, delivery: Int64, deadLetter: DeadLetter?, now: Int64) throws -> Int {
-        guard let batchID = try Int64.fetchOne(db, sql: "SELECT batch_id FROM deliveries WHERE id = ?", arguments: [delivery]) else {
+        guard
+            let batchID = try Int64.fetchOne(
+                db.cachedStatement(sql: "SELECT batch_id FROM deliveries WHERE id = ?"), arguments: [delivery])
+        else {
             return 0
         }
         if let deadLetter {
@@ -291,11 +294,13 @@ final class Spool: Sendable {
                     """,
                 arguments: [deadLetter.reason, deadLetter.attempts, now, delivery])
         }
-        try db.execute(sql: "DELETE FROM deliveries WHERE id = ?", arguments: [delivery])
-        let remaining = try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM deliveries WHERE batch_id = ?", arguments: [batchID]) ?? 0
+        try db.cachedStatement(sql: "DELETE FROM deliveries WHERE id = ?").execute(arguments: [delivery])
+        let remaining =
+            try Int.fetchOne(db.cachedStatement(sql: "SELECT COUNT(*) FROM deliveries WHERE batch_id = ?"), arguments: [batchID]) ?? 0
         guard remaining == 0 else { return 0 }
-        let size = try Int.fetchOne(db, sql: "SELECT length(payload) FROM batches WHERE id = ?", arguments: [batchID]) ?? 0
-        try db.execute(sql: "DELETE FROM batches WHERE id = ?", arguments: [batchID])
+        let size =
+            try Int.fetchOne(db.cachedStatement(sql: "SELECT length(payload) FROM batches WHERE id = ?"), arguments: [batchID]) ?? 0
+        try db.cachedStatement(sql: "DELETE FROM batches WHERE id = ?").execute(arguments: [batchID])
         return size
     }
 }

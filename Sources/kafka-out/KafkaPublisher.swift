@@ -21,6 +21,8 @@ final class KafkaPublisher: FrameConnectionHandler, Service {
 
     private let state = NIOLockedValueBox(State())
     private let devBootstrapFile: String
+    /// The dev cluster's bootstrap list, re-read at most once a second (not once per message).
+    private let devBootstrap = NIOLockedValueBox<(text: String?, readAt: ContinuousClock.Instant?)>((nil, nil))
     private let messageTimeout: Duration
     private let maxInFlight: Int?
     private let logger: Logger
@@ -132,13 +134,22 @@ final class KafkaPublisher: FrameConnectionHandler, Service {
         Delivery.report(error, for: keys, to: router)
     }
 
+    private func devBootstrapServers() -> String? {
+        let now = ContinuousClock.now
+        if let (text, readAt) = devBootstrap.withLockedValue({ v in v.readAt.map { (v.text, $0) } }), now - readAt < .seconds(1) {
+            return text
+        }
+        let text = FileManager.default.contents(atPath: devBootstrapFile)
+            .map { String(decoding: $0, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines) }
+            .flatMap { $0.isEmpty ? nil : $0 }
+        devBootstrap.withLockedValue { $0 = (text, now) }
+        return text
+    }
+
     func producerConfiguration(for d: KafkaDestination) throws(KafkaError) -> ProducerConfiguration {
         var bootstrap = d.bootstrapServers
         if d.usesDevCluster {
-            guard let data = FileManager.default.contents(atPath: devBootstrapFile),
-                case let text = String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines),
-                !text.isEmpty
-            else {
+            guard let text = devBootstrapServers() else {
                 throw KafkaError(
                     code: -1, name: "_DEV_CLUSTER_DOWN",
                     message: "the dev cluster is not running (no bootstrap file at \(devBootstrapFile))", isRetriable: true)
