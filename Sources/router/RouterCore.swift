@@ -274,16 +274,16 @@ actor RouterCore {
             var topics: [String] = []
             var eventIDs: [String] = []
             let id = RouteID(tenant: tenant, destination: route.destination.name)
-            if tree == nil {
-                do {
-                    tree = try JSONValue.parse(payload)
-                } catch {
-                    ingest.send(.nack(frame.id, reason: "the batch is not valid JSON: \(error)", retryable: false))
-                    return
-                }
-            }
             switch route.destination.kind {
             case .keen(let keen):
+                if tree == nil {
+                    do {
+                        tree = try JSONValue.parse(payload)
+                    } catch {
+                        ingest.send(.nack(frame.id, reason: "the batch is not valid JSON: \(error)", retryable: false))
+                        return
+                    }
+                }
                 let batchID = frame.headers?.first { $0.name == "sluice-batch-id" }?.value
                 let output = keen.events(from: tree!, batchID: batchID, receivedAt: receivedAt)
                 messages = output.events.map(\.payload)
@@ -305,7 +305,14 @@ actor RouterCore {
                         ]))
                 }
             case .kafka(let kafka):
-                let output = kafka.settings.apply(to: tree!, original: payload, receivedAt: receivedAt)
+                // Spliced from the batch's bytes: nothing untouched is parsed into values or rewritten.
+                let output: KafkaBatchOutput
+                do {
+                    output = try kafka.settings.splice(payload, receivedAt: receivedAt)
+                } catch {
+                    ingest.send(.nack(frame.id, reason: "the batch is not valid JSON: \(error)", retryable: false))
+                    return
+                }
                 metrics.eventsUnsupported.increment(by: Int64(output.unsupportedEvents))
                 metrics.eventsFiltered.increment(by: Int64(output.filteredEvents))
                 if output.unsupportedEvents + output.filteredEvents > 0 || output.messages.isEmpty {
