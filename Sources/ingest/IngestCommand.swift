@@ -68,7 +68,7 @@ struct Serve: AsyncParsableCommand {
         let idlePump = Task {
             while !Task.isCancelled {
                 try? await Task.sleep(for: .seconds(1))
-                link.pump()
+                link.pump(full: true)
             }
         }
         defer { idlePump.cancel() }

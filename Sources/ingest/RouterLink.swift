@@ -66,6 +66,7 @@ final class RouterLink: FrameConnectionHandler {
         var owner: [Int64: DeliveryTarget] = [:]
         var pumping = false
         var pumpAgain = false
+        var fullPump = false
         /// What the router last said about its outputs.
         var outputsReady = false
     }
@@ -161,9 +162,12 @@ final class RouterLink: FrameConnectionHandler {
     }
 
     /// Sends waiting deliveries that the router has not seen on this connection, for every
-    /// destination with room in its window.
-    func pump() {
+    /// destination with room in its window. A destination is only looked up in the spool when the
+    /// spool holds more for it than is in flight, unless `full` (the idle pump once a second, which
+    /// also finds deliveries that `ingest dead-letters replay` put back from outside).
+    func pump(full: Bool = false) {
         let start = state.withLockedValue { s -> Bool in
+            if full { s.fullPump = true }
             if s.pumping {
                 s.pumpAgain = true
                 return false
@@ -175,12 +179,18 @@ final class RouterLink: FrameConnectionHandler {
         while true {
             var sent = false
             // Destinations removed by a reload keep draining what the spool holds for them.
-            let targets = Set(tenants.targets).union(spool.backlog.keys)
+            let backlog = spool.backlog
+            let targets = Set(tenants.targets).union(backlog.keys)
             let digest = tenants.digest
+            let full = state.withLockedValue { s -> Bool in
+                defer { s.fullPump = false }
+                return s.fullPump
+            }
             for target in targets {
                 let plan = state.withLockedValue { s -> (FramePeer, Int64, Int)? in
                     guard let peer = s.peer else { return nil }
                     let lane = s.lanes[target] ?? Lane()
+                    if !full && (backlog[target] ?? 0) <= lane.inFlight.count { return nil }  // all of it is in flight
                     if let until = lane.pausedUntil, until > .now { return nil }
                     guard lane.inFlight.count < window else { return nil }
                     return (peer, lane.cursor, window - lane.inFlight.count)
