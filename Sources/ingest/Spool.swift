@@ -84,6 +84,10 @@ final class Spool: Sendable {
         let oldMask = umask(0o077)
         defer { umask(oldMask) }
         db = try DatabasePool(path: path, configuration: configuration)
+        // GRDB sets up WAL mode after prepareDatabase and sets `synchronous = NORMAL` on the writer
+        // as it does (no fsync per commit). The spool's promise needs FULL: each commit reaches the
+        // disk before the 202.
+        try db.writeWithoutTransaction { db in try db.execute(sql: "PRAGMA synchronous = FULL") }
         try db.write { db in try Spool.createSchema(db) }
         identity = try db.read { db in try String.fetchOne(db, sql: "SELECT value FROM meta WHERE key = 'spool_id'") ?? "" }
         let used = try db.read { db in try Int.fetchOne(db, sql: "SELECT COALESCE(SUM(length(payload)), 0) FROM batches") ?? 0 }
@@ -182,6 +186,9 @@ final class Spool: Sendable {
             }
         }
     }
+
+    /// The writer's `PRAGMA synchronous` (2 = FULL), for tests.
+    var synchronousMode: Int { (try? db.writeWithoutTransaction { db in try Int.fetchOne(db, sql: "PRAGMA synchronous") ?? -1 }) ?? -1 }
 
     var count: Int { (try? db.read { db in try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM batches") ?? 0 }) ?? 0 }
 

@@ -21,6 +21,12 @@ final class SpoolTests: XCTestCase {
     let a = DeliveryTarget(tenant: "acme", destination: "a")
     let b = DeliveryTarget(tenant: "acme", destination: "b")
 
+    func testCommitsAreFsyncedSynchronousFull() throws {
+        // GRDB's WAL setup lowers the writer to NORMAL (no fsync per commit); the spool must not.
+        let spool = try Spool(directory: dir, maxBytes: 1 << 20)
+        XCTAssertEqual(spool.synchronousMode, 2, "PRAGMA synchronous on the writer must be FULL")
+    }
+
     func testStoredBatchesSurviveReopeningUntilEveryDestinationHasThem() async throws {
         var spool: Spool? = try Spool(directory: dir, maxBytes: 1 << 20)
         let ids = try await spool!.append(
