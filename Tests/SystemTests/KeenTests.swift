@@ -134,7 +134,9 @@ final class KeenTests: XCTestCase {
                 row = try destinationRow(group, "keen")
                 return row?["dead_letters"] as? Int == 1
             }, "\(String(describing: row))")
-        XCTAssertTrue((row?["last_error"] as? String ?? "").contains("InvalidPropertyValueError"), "\(String(describing: row))")
+        let dead = try runCommand(
+            BuiltProducts.path("ingest"), ["dead-letters", "list", "--json", "--spool-dir", group.runDir + "/spool"], timeout: 30)
+        XCTAssertTrue(dead.out.contains("InvalidPropertyValueError"), "the dead letter says why: \(dead.out) \(dead.err)")
         XCTAssertTrue(group.logs().contains("delivery failed, will retry"), "the 503s and the retryable event were retried")
 
         // verify: the count query finds what arrived, and not what did not.

@@ -967,6 +967,13 @@ def main(argv=None):
     server = make_server(args.project, args.write_key, args.read_key, args.master_key, args.access_key,
                          args.host, args.port, args.tls_cert, args.tls_key, args.max_string_chars)
     host, port = server.server_address[:2]
+
+    # Handlers first: whoever reads the port file or the first line may send SIGTERM at once.
+    def stop(signum, frame):
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     if args.port_file:
         tmp = args.port_file + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
@@ -975,11 +982,6 @@ def main(argv=None):
     print("listening on %s:%d" % (host, port), flush=True)
     log("listening on %s:%d (tls: %s)", host, port, bool(args.tls_cert))
 
-    def stop(signum, frame):
-        threading.Thread(target=server.shutdown, daemon=True).start()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
     try:
         server.serve_forever(poll_interval=0.2)
     finally:

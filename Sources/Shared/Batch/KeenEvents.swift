@@ -41,6 +41,7 @@ extension KeenDestination {
         if includeDevice { copy("device_info") }
         if includeApplication { copy("application_info") }
         let batchTime = batch["timestamp_unixtime_ms"]?.int64Value ?? receivedAt
+        let renamedContext = Self.renamed(.object(context))
 
         for (index, event) in events.enumerated() {
             let type = event["event_type"]?.stringValue ?? "unknown"
@@ -56,12 +57,27 @@ extension KeenDestination {
                 // A field of the event's own called `keen` or `mparticle` or `sluice` keeps its value under another name.
                 members = fields.map { ["keen", "mparticle", "sluice", "event_type"].contains($0.key) ? .init("data_" + $0.key, $0.value) : $0 }
             }
-            members.append(.init("event_type", .string(type)))
-            members.append(.init("mparticle", .object(context)))
+            // The event's own fields are renamed here; the batch context (the same for every event)
+            // was renamed once for the batch; `event_type`, `mparticle`, `sluice` need no renaming.
+            var object = Self.renamed(.object(members))
+            guard case .object(var renamedMembers) = object else { continue }
+            var names = Set(renamedMembers.map(\.key))
+            func add(_ key: String, _ value: JSONValue) {
+                var name = key
+                var n = 2
+                while names.contains(name) {
+                    name = key + "_\(n)"
+                    n += 1
+                }
+                names.insert(name)
+                renamedMembers.append(.init(name, value))
+            }
+            add("event_type", .string(type))
+            add("mparticle", renamedContext)
             var sluice: [JSONValue.Member] = [.init("event_index", .number(String(index))), .init("event_id", .string(eventID))]
             if let batchID { sluice.insert(.init("batch_id", .string(batchID)), at: 0) }
-            members.append(.init("sluice", .object(sluice)))
-            var object = Self.renamed(.object(members))
+            add("sluice", .object(sluice))
+            object = .object(renamedMembers)
             var keen: [JSONValue.Member] = [
                 .init("timestamp", .string(Self.iso8601(milliseconds: data["timestamp_unixtime_ms"]?.int64Value ?? batchTime)))
             ]
@@ -98,6 +114,9 @@ extension KeenDestination {
     /// `$FirstName`) becomes `mp_`; an empty name becomes `_`; a longer name is cut to 255
     /// characters. Where two names of one object end up equal, the later ones get `_2`, `_3`, ….
     public static func keenPropertyName(_ name: String) -> String {
+        // Most names need nothing: no `.`, no leading `$`, not empty, short.
+        let utf8 = name.utf8
+        if !utf8.isEmpty, utf8.count < 256, utf8.first != UInt8(ascii: "$"), !utf8.contains(UInt8(ascii: ".")) { return name }
         var n = name.replacingOccurrences(of: ".", with: "_")
         if n.hasPrefix("$") { n = "mp_" + n.dropFirst() }
         if n.isEmpty { n = "_" }
