@@ -15,7 +15,7 @@ public final class ProducerPool<Context: Sendable>: @unchecked Sendable {
     private let lock = NSLock()
     private var producers: [ProducerConfiguration: KafkaProducer] = [:]
     private var statistics: [ObjectIdentifier: ProducerStatistics] = [:]
-    private var inFlight: [UInt64: Context] = [:]
+    private var inFlight: [UInt64: (context: Context, producer: ObjectIdentifier)] = [:]
     private var nextID: UInt64 = 1
     private let logger: Logger
     private let onOutcomes: @Sendable ([Outcome]) -> Void
@@ -60,11 +60,27 @@ public final class ProducerPool<Context: Sendable>: @unchecked Sendable {
             onDelivery: { [weak self] reports in self?.delivered(reports) })
         box.withLock { identity = ObjectIdentifier(producer) }
         producerLogger.info("kafka producer created")
-        return lock.withLock {
+        var orphaned: [Outcome] = []
+        let chosen: KafkaProducer = lock.withLock {
             if let p = producers[configuration], p.fatalError == nil { return p }
+            if let old = producers[configuration], let error = old.fatalError {
+                // A producer that hit a fatal error reports nothing more: what it still held is
+                // answered now, as retryable, and goes out again through the new one.
+                let id = ObjectIdentifier(old)
+                statistics[id] = nil
+                for (key, entry) in inFlight where entry.producer == id {
+                    inFlight[key] = nil
+                    orphaned.append(
+                        Outcome(
+                            context: entry.context,
+                            error: KafkaError(code: error.code, name: error.name, message: error.message, isRetriable: true)))
+                }
+            }
             producers[configuration] = producer
             return producer
         }
+        if !orphaned.isEmpty { onOutcomes(orphaned) }
+        return chosen
     }
 
     /// Hands one message to `producer`. Throws what librdkafka refused (`_QUEUE_FULL`: wait and
@@ -76,7 +92,7 @@ public final class ProducerPool<Context: Sendable>: @unchecked Sendable {
         let id = lock.withLock {
             let id = nextID
             nextID += 1
-            inFlight[id] = context
+            inFlight[id] = (context, ObjectIdentifier(producer))
             return id
         }
         do {
@@ -90,7 +106,7 @@ public final class ProducerPool<Context: Sendable>: @unchecked Sendable {
     /// Forgets the contexts that match (their outcomes are no longer wanted, e.g. the router
     /// connection they came from is gone).
     public func forget(where match: (Context) -> Bool) {
-        lock.withLock { inFlight = inFlight.filter { !match($0.value) } }
+        lock.withLock { inFlight = inFlight.filter { !match($0.value.context) } }
     }
 
     /// Closes the producers whose configuration is not in `needed`, after what they hold is
@@ -120,7 +136,7 @@ public final class ProducerPool<Context: Sendable>: @unchecked Sendable {
 
     private func delivered(_ reports: [DeliveryReport]) {
         let outcomes: [Outcome] = lock.withLock {
-            reports.compactMap { r in inFlight.removeValue(forKey: r.id).map { Outcome(context: $0, error: r.error) } }
+            reports.compactMap { r in inFlight.removeValue(forKey: r.id).map { Outcome(context: $0.context, error: r.error) } }
         }
         if !outcomes.isEmpty { onOutcomes(outcomes) }
     }

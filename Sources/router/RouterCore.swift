@@ -76,6 +76,8 @@ actor RouterCore {
     private var stats: [RouteID: RouteStats] = [:]
     /// Unfinished work items per destination key.
     private var keyUse: [String: Int] = [:]
+    /// Per tenant and destination: the first delivery refused because the backlog was full.
+    private var refusedFirst: [RouteID: (id: UInt64, at: ContinuousClock.Instant)] = [:]
     let metrics = RouterMetrics()
     /// Re-reads the config file (used when ingest names a destination this router does not know yet:
     /// ingest may have reloaded a moment earlier).
@@ -245,7 +247,11 @@ actor RouterCore {
             if routes[tenant]?[name] == nil, let refreshConfig {
                 // ingest may have reloaded a newer config a moment before this router did.
                 await refreshConfig()
-                if progress[frame.id] != nil { return }
+                if progress[frame.id] != nil {
+                    // Sent again while we waited: answer on the newest connection.
+                    progress[frame.id]?.ingest = ingest
+                    return
+                }
             }
             guard let route = routes[tenant]?[name] else {
                 ingest.send(.nack(frame.id, reason: "tenant '\(tenant)' has no destination '\(name)'", retryable: false))
@@ -259,10 +265,25 @@ actor RouterCore {
                 return
             }
         }
-        let bytes = payload.readableBytes * targets.count
-        guard work.count + targets.count <= maxBacklog, backlogBytes + bytes <= maxBacklogBytes else {
+        // After a "backlog full" nack, later deliveries of that destination wait until ingest has
+        // sent the refused one again: accepting them first would let them overtake it.
+        let blockKey = RouteID(tenant: tenant, destination: frame.destination ?? "")
+        if let blocked = refusedFirst[blockKey], frame.id > blocked.id, ContinuousClock.now - blocked.at < .seconds(5) {
+            // (ingest sends the refused one again within ~200 ms; if it never comes — it may have
+            // been dead-lettered meanwhile — the block lapses rather than stall the destination.)
             ingest.send(.nack(frame.id, reason: "router backlog is full", retryable: true))
             return
+        }
+        let bytes = payload.readableBytes * targets.count
+        guard work.count + targets.count <= maxBacklog, backlogBytes + bytes <= maxBacklogBytes else {
+            if refusedFirst[blockKey].map({ frame.id < $0.id || ContinuousClock.now - $0.at >= .seconds(5) }) ?? true {
+                refusedFirst[blockKey] = (frame.id, ContinuousClock.now)
+            }
+            ingest.send(.nack(frame.id, reason: "router backlog is full", retryable: true))
+            return
+        }
+        if refusedFirst[blockKey]?.id == frame.id || refusedFirst[blockKey].map({ ContinuousClock.now - $0.at >= .seconds(5) }) == true {
+            refusedFirst[blockKey] = nil
         }
         metrics.batchesReceived.increment()
         let receivedAt = Int64(Date().timeIntervalSince1970 * 1000)

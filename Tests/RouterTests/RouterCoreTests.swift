@@ -153,6 +153,30 @@ final class RouterCoreTests: XCTestCase {
         XCTAssertEqual(ingest.takeQueued(), [.nack(4, reason: "router backlog is full", retryable: true)])
     }
 
+    func testAfterABacklogFullNackLaterDeliveriesWaitForTheRefusedOne() async {
+        let core = RouterCore(config: config, logger: Logger(label: "t"), maxBacklog: 1, maxBacklogBytes: 1 << 20)
+        let out = peer(.kafkaOut, "1")
+        await core.register(out)
+        let ingest = peer(.ingest, "in")
+        _ = ingest.takeQueued()
+        func delivery(_ id: UInt64) -> Frame {
+            var f = batch(id, key: "u")
+            f.destination = "a"
+            return f
+        }
+        await core.accept(delivery(1), from: ingest)
+        await core.accept(delivery(2), from: ingest)
+        XCTAssertEqual(ingest.takeQueued(), [.nack(2, reason: "router backlog is full", retryable: true)])
+        let first = batches(out.takeQueued())
+        await core.outcome(.ack(first[0].id), from: out)
+        XCTAssertEqual(ingest.takeQueued(), [.ack(1)])
+        // Room again, but delivery 3 must not overtake the refused 2.
+        await core.accept(delivery(3), from: ingest)
+        XCTAssertEqual(ingest.takeQueued(), [.nack(3, reason: "router backlog is full", retryable: true)])
+        await core.accept(delivery(2), from: ingest)
+        XCTAssertEqual(batches(out.takeQueued()).count, 1, "the refused delivery goes first")
+    }
+
     // MARK: Scaling: order per user across a change of instances
 
     func testAKeyStaysOnItsInstanceWhileItHasWorkInFlightEvenWhenInstancesJoin() async {

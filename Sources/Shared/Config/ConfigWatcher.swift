@@ -86,10 +86,22 @@ public actor ConfigWatcher: Service {
         await reload(reason: "another process runs a newer config", force: false)
     }
 
+    private var inProgress: Task<Bool, Never>?
+
     /// Reads the file; applies it if it changed (or `force`) and is valid. Returns whether a new
-    /// config was applied.
+    /// config was applied. Reloads never overlap: a caller that comes while one is being applied
+    /// waits for it, so whoever asks "is the file's config in force?" gets a true answer.
     @discardableResult
     public func reload(reason: String, force: Bool) async -> Bool {
+        while let running = inProgress { _ = await running.value }
+        let task = Task { await self.reloadNow(reason: reason, force: force) }
+        inProgress = task
+        let applied = await task.value
+        inProgress = nil
+        return applied
+    }
+
+    private func reloadNow(reason: String, force: Bool) async -> Bool {
         let contents = FileManager.default.contents(atPath: path)
         if !force && (contents == lastContents || (contents != nil && contents == rejectedContents)) { return false }
         let config: SluiceConfig
@@ -107,19 +119,23 @@ public actor ConfigWatcher: Service {
             observe(false)
             return false
         }
-        lastContents = contents
-        digest = Self.digest(contents ?? Data())
+        let newDigest = Self.digest(contents ?? Data())
         rejectedContents = nil
         status.lastError = nil
         status.lastErrorAt = nil
         guard config != applied else {
+            lastContents = contents
+            digest = newDigest
             if force { logger.info("config reloaded: no change", metadata: ["reason": "\(reason)"]) }
             return false
         }
         applied = config
         status.generation += 1
         status.loadedAt = Date()
-        await apply(config, digest)
+        await apply(config, newDigest)
+        // Only now is this file's config in force: until here a `catchUp` must not think so.
+        lastContents = contents
+        digest = newDigest
         observe(true)
         logger.notice(
             "config reloaded",
