@@ -7,16 +7,7 @@ import XCTest
 /// The splicing implementation of the connection settings against the tree-based reference, on
 /// random batches and random settings: same messages (as JSON values), same ids, same counts.
 final class KafkaSpliceTests: XCTestCase {
-    struct RNG: RandomNumberGenerator {
-        var state: UInt64
-        mutating func next() -> UInt64 {
-            state &+= 0x9e37_79b9_7f4a_7c15
-            var z = state
-            z = (z ^ (z >> 30)) &* 0xbf58_476d_1ce4_e5b9
-            z = (z ^ (z >> 27)) &* 0x94d0_49bb_1331_11eb
-            return z ^ (z >> 31)
-        }
-    }
+    typealias RNG = SeededRNG
 
     func randomScalar(_ rng: inout RNG) -> JSONValue {
         switch Int.random(in: 0..<6, using: &rng) {

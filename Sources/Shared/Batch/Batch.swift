@@ -55,7 +55,6 @@ public struct BatchValidator: Sendable {
     public static let environments: Set<String> = ["production", "development", "unknown"]
     /// Fields holding signed 64-bit ids: numbers or decimal strings, kept exact.
     static let batchIdFields: Set<String> = ["mpid", "batch_id"]
-    static let eventIdFields: Set<String> = ["event_id", "session_id"]
 
     public init(maxBatchBytes: Int = 128 * 1024, maxDepth: Int = JSONScanner.defaultMaxDepth) {
         self.maxBatchBytes = maxBatchBytes
@@ -103,101 +102,123 @@ public struct BatchValidator: Sendable {
         return try result.get()
     }
 
+    /// One pass over the batch: the grammar, UTF-8 and depth are checked as the fields are read.
+    /// A syntax error anywhere wins over a field problem found before it (the first field problem
+    /// is kept until the end of the document).
     private func validateBytes(_ raw: UnsafeRawBufferPointer, buffer: ByteBuffer, label: String) throws(BatchError)
         -> ValidatedBatch
     {
-        let members: [(key: String, range: Range<Int>)]
-        do {
-            members = try JSON.members(raw, maxDepth: maxDepth)
-        } catch {
-            throw BatchError("\(label) is not a JSON object: \(error)")
-        }
+        var scanner = JSONScanner(raw, maxDepth: maxDepth)
+        var problem: BatchError?
         var environment: String?
         var mpid: String?
         var eventCount = 0
-        for m in members {
-            let value = UnsafeRawBufferPointer(rebasing: raw[m.range])
-            let kind = JSON.kind(value)
-            switch m.key {
-            case "environment":
-                guard let env = JSON.string(value), Self.environments.contains(env) else {
-                    throw BatchError("\(label): \"environment\" must be \"production\", \"development\" or \"unknown\"")
+        do {
+            scanner.skipWhitespace()
+            try scanner.readObject(depth: 0) { s, key in
+                if key.is("events") && s.peek() == UInt8(ascii: "[") {
+                    eventCount = try s.readArray(depth: 1) { s, i in
+                        try Self.readEvent(&s, depth: 2, index: i, label: label, problem: &problem)
+                    }
+                    return
                 }
-                environment = env
-            case "mpid":
-                if kind == .null { continue }
-                guard let text = JSON.int64Text(value) else {
-                    throw BatchError("\(label): \"mpid\" must be a signed 64-bit integer (a number or a string of digits)")
+                let start = s.position
+                try s.skipValue(depth: 1)
+                guard problem == nil else { return }
+                let value = s.bytes(start..<s.position)
+                let kind = JSON.kind(value)
+                if key.is("environment") {
+                    if let env = JSON.string(value), Self.environments.contains(env) {
+                        environment = env
+                    } else {
+                        problem = BatchError("\(label): \"environment\" must be \"production\", \"development\" or \"unknown\"")
+                    }
+                } else if key.is("mpid") {
+                    guard kind != .null else { return }
+                    if let text = JSON.int64Text(value) {
+                        mpid = text
+                    } else {
+                        problem = BatchError("\(label): \"mpid\" must be a signed 64-bit integer (a number or a string of digits)")
+                    }
+                } else if key.is("batch_id") {
+                    if kind != .null, !JSON.isInt64(value) {
+                        problem = BatchError("\(label): \"batch_id\" must be a signed 64-bit integer (a number or a string of digits)")
+                    }
+                } else if key.is("events") {
+                    if kind != .null { problem = BatchError("\(label): \"events\" must be an array") }
+                } else if key.is("user_identities") {
+                    if kind != .object && kind != .array && kind != .null {
+                        problem = BatchError("\(label): \"user_identities\" must be an object or an array")
+                    }
+                } else if key.is("user_attributes") || key.is("device_info") || key.is("application_info")
+                    || key.is("source_info") || key.is("context") || key.is("consent_state")
+                {
+                    if kind != .object && kind != .null { problem = BatchError("\(label): \"\(key.string)\" must be an object") }
                 }
-                mpid = text
-            case "batch_id":
-                if kind != .null, JSON.int64Text(value) == nil {
-                    throw BatchError("\(label): \"batch_id\" must be a signed 64-bit integer (a number or a string of digits)")
-                }
-            case "events":
-                if kind == .null { continue }
-                guard kind == .array else { throw BatchError("\(label): \"events\" must be an array") }
-                eventCount = try validateEvents(value, label: label)
-            case "user_identities":
-                guard kind == .object || kind == .array || kind == .null else {
-                    throw BatchError("\(label): \"user_identities\" must be an object or an array")
-                }
-            case "user_attributes", "device_info", "application_info", "source_info", "context", "consent_state":
-                guard kind == .object || kind == .null else {
-                    throw BatchError("\(label): \"\(m.key)\" must be an object")
-                }
-            default:
-                continue
             }
+            try scanner.expectEnd()
+        } catch let error as JSONError {
+            throw BatchError("\(label) is not a JSON object: \(error)")
+        } catch {
+            throw BatchError("\(label) is not a JSON object: \(error)")
         }
+        if let problem { throw problem }
         guard environment != nil else {
             throw BatchError("\(label): required field \"environment\" is missing")
         }
         return ValidatedBatch(bytes: buffer, mpid: mpid, eventCount: eventCount)
     }
 
-    private func validateEvents(_ raw: UnsafeRawBufferPointer, label: String) throws(BatchError) -> Int {
-        let ranges = (try? JSON.elements(raw, maxDepth: .max)) ?? []
-        for (i, range) in ranges.enumerated() {
-            let event = UnsafeRawBufferPointer(rebasing: raw[range])
-            let where_ = "\(label) events[\(i)]"
-            guard JSON.kind(event) == .object, let members = try? JSON.members(event, maxDepth: .max) else {
-                throw BatchError("\(where_) must be an object")
-            }
-            var type: String?
-            var hasData = false
-            for m in members {
-                let value = UnsafeRawBufferPointer(rebasing: event[m.range])
-                switch m.key {
-                case "event_type":
-                    guard let t = JSON.string(value) else { throw BatchError("\(where_): \"event_type\" must be a string") }
-                    type = t
-                case "data":
-                    guard JSON.kind(value) == .object else { throw BatchError("\(where_): \"data\" must be an object") }
-                    hasData = true
-                    try validateEventData(value, label: where_)
-                default:
-                    continue
+    /// One element of `events`: an object with a known `event_type` and a `data` object whose ids
+    /// are signed 64-bit integers. Records the first problem; throws only for syntax errors.
+    private static func readEvent(
+        _ s: inout JSONScanner, depth: Int, index: Int, label: String, problem: inout BatchError?
+    ) throws {
+        func place() -> String { "\(label) events[\(index)]" }
+        guard s.peek() == UInt8(ascii: "{") else {
+            try s.skipValue(depth: depth)
+            if problem == nil { problem = BatchError("\(place()) must be an object") }
+            return
+        }
+        var type: String?
+        var hasData = false
+        try s.readObject(depth: depth) { s, key in
+            if key.is("data") && s.peek() == UInt8(ascii: "{") {
+                hasData = true
+                try s.readObject(depth: depth + 1) { s, key in
+                    let start = s.position
+                    try s.skipValue(depth: depth + 2)
+                    guard problem == nil, key.is("event_id") || key.is("session_id") else { return }
+                    let value = s.bytes(start..<s.position)
+                    if JSON.kind(value) != .null, !JSON.isInt64(value) {
+                        problem = BatchError(
+                            "\(place()): \"data.\(key.string)\" must be a signed 64-bit integer (a number or a string of digits)")
+                    }
                 }
+                return
             }
-            guard let type, !type.isEmpty else {
-                throw BatchError("\(where_): required event field \"event_type\" is missing or empty")
-            }
-            guard EventType(rawValue: type) != nil else {
-                throw BatchError("\(where_): unknown event_type \"\(type)\"")
-            }
-            guard hasData else { throw BatchError("\(where_): required event field \"data\" is missing") }
-        }
-        return ranges.count
-    }
-
-    private func validateEventData(_ raw: UnsafeRawBufferPointer, label: String) throws(BatchError) {
-        let members = (try? JSON.members(raw, maxDepth: .max)) ?? []
-        for m in members where Self.eventIdFields.contains(m.key) {
-            let value = UnsafeRawBufferPointer(rebasing: raw[m.range])
-            if JSON.kind(value) != .null, JSON.int64Text(value) == nil {
-                throw BatchError("\(label): \"data.\(m.key)\" must be a signed 64-bit integer (a number or a string of digits)")
+            let start = s.position
+            try s.skipValue(depth: depth + 1)
+            if key.is("event_type") {
+                if let name = JSON.string(s.bytes(start..<s.position)) {
+                    type = name
+                } else if problem == nil {
+                    problem = BatchError("\(place()): \"event_type\" must be a string")
+                }
+            } else if key.is("data") {
+                hasData = true
+                if problem == nil { problem = BatchError("\(place()): \"data\" must be an object") }
             }
         }
+        guard problem == nil else { return }
+        guard let name = type, !name.isEmpty else {
+            problem = BatchError("\(place()): required event field \"event_type\" is missing or empty")
+            return
+        }
+        guard EventType(rawValue: name) != nil else {
+            problem = BatchError("\(place()): unknown event_type \"\(name)\"")
+            return
+        }
+        if !hasData { problem = BatchError("\(place()): required event field \"data\" is missing") }
     }
 }

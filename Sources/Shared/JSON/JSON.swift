@@ -81,6 +81,36 @@ public enum JSON {
         return String(value)
     }
 
+    /// Whether `int64Text` would return a value, without building any String: a JSON number or a
+    /// string holding an optional sign and decimal digits, within the signed 64-bit range.
+    public static func isInt64(_ bytes: UnsafeRawBufferPointer) -> Bool {
+        var digits: UnsafeRawBufferPointer
+        switch kind(bytes) {
+        case .number:
+            digits = bytes
+        case .string:
+            digits = UnsafeRawBufferPointer(rebasing: bytes[1..<(bytes.count - 1)])
+            if digits.contains(UInt8(ascii: "\\")) { return int64Text(bytes) != nil }  // escaped: the slow way
+        default:
+            return false
+        }
+        var negative = false
+        if let sign = digits.first, sign == UInt8(ascii: "-") || sign == UInt8(ascii: "+") {
+            negative = sign == UInt8(ascii: "-")
+            digits = UnsafeRawBufferPointer(rebasing: digits[1...])
+        }
+        guard !digits.isEmpty else { return false }
+        var magnitude: UInt64 = 0
+        for d in digits {
+            guard d >= UInt8(ascii: "0") && d <= UInt8(ascii: "9") else { return false }
+            let (times10, o1) = magnitude.multipliedReportingOverflow(by: 10)
+            let (sum, o2) = times10.addingReportingOverflow(UInt64(d - UInt8(ascii: "0")))
+            if o1 || o2 { return false }
+            magnitude = sum
+        }
+        return magnitude <= (negative ? UInt64(Int64.max) + 1 : UInt64(Int64.max))
+    }
+
     /// Writes `string` as a JSON string literal (quotes included).
     public static func writeString(_ string: String, into out: inout ByteBuffer) {
         out.writeInteger(UInt8(ascii: "\""))

@@ -1,3 +1,9 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
 /// A validating single-pass JSON scanner over raw UTF-8 bytes.
 ///
 /// It checks the full JSON grammar (RFC 8259), UTF-8 inside strings and a nesting limit, and reports
@@ -77,6 +83,7 @@ public struct JSONScanner {
             switch peek() {
             case UInt8(ascii: ","): index += 1
             case UInt8(ascii: "}"): index += 1; return
+            case nil: throw error("unexpected end of input in object")
             default: throw error("expected ',' or '}' in object")
             }
         }
@@ -98,18 +105,81 @@ public struct JSONScanner {
             switch peek() {
             case UInt8(ascii: ","): index += 1
             case UInt8(ascii: "]"): index += 1; return
+            case nil: throw error("unexpected end of input in array")
             default: throw error("expected ',' or ']' in array")
             }
         }
     }
 
+    // MARK: Reading nested documents in one pass
+
+    /// Reads the object at the current position: for each member, `member` gets the scanner
+    /// positioned at the value and the key, and must consume exactly one value (`skipValue`, or a
+    /// nested `readObject`/`readArray` one level deeper than `depth`). Everything is validated
+    /// once, as it is read.
+    public mutating func readObject(depth: Int, _ member: (inout JSONScanner, JSONKey) throws -> Void) throws {
+        guard peek() == UInt8(ascii: "{") else { throw error("expected a JSON object") }
+        guard depth < maxDepth else { throw error("nesting deeper than \(maxDepth) levels") }
+        index += 1
+        skipWhitespace()
+        if peek() == UInt8(ascii: "}") { index += 1; return }
+        while true {
+            skipWhitespace()
+            guard peek() == UInt8(ascii: "\"") else { throw error("expected a string key") }
+            let start = index
+            let escaped = try skipString()
+            let key = JSONKey(raw: UnsafeRawBufferPointer(rebasing: bytes[(start + 1)..<(index - 1)]), escaped: escaped)
+            skipWhitespace()
+            guard peek() == UInt8(ascii: ":") else { throw error("expected ':' after key") }
+            index += 1
+            skipWhitespace()
+            try member(&self, key)
+            skipWhitespace()
+            switch peek() {
+            case UInt8(ascii: ","): index += 1
+            case UInt8(ascii: "}"): index += 1; return
+            case nil: throw error("unexpected end of input in object")
+            default: throw error("expected ',' or '}' in object")
+            }
+        }
+    }
+
+    /// Reads the array at the current position: `element` gets the scanner positioned at each
+    /// element and its index, and must consume exactly one value. Returns the number of elements.
+    @discardableResult
+    public mutating func readArray(depth: Int, _ element: (inout JSONScanner, Int) throws -> Void) throws -> Int {
+        guard peek() == UInt8(ascii: "[") else { throw error("expected a JSON array") }
+        guard depth < maxDepth else { throw error("nesting deeper than \(maxDepth) levels") }
+        index += 1
+        skipWhitespace()
+        if peek() == UInt8(ascii: "]") { index += 1; return 0 }
+        var count = 0
+        while true {
+            skipWhitespace()
+            try element(&self, count)
+            count += 1
+            skipWhitespace()
+            switch peek() {
+            case UInt8(ascii: ","): index += 1
+            case UInt8(ascii: "]"): index += 1; return count
+            case nil: throw error("unexpected end of input in array")
+            default: throw error("expected ',' or ']' in array")
+            }
+        }
+    }
+
+    /// The bytes of the document in `range` (e.g. a value just skipped).
+    public func bytes(_ range: Range<Int>) -> UnsafeRawBufferPointer {
+        UnsafeRawBufferPointer(rebasing: bytes[range])
+    }
+
     // MARK: Values
 
-    @inline(__always) func peek() -> UInt8? {
+    @inline(__always) public func peek() -> UInt8? {
         index < bytes.count ? bytes[index] : nil
     }
 
-    @inline(__always) mutating func skipWhitespace() {
+    @inline(__always) public mutating func skipWhitespace() {
         while index < bytes.count {
             switch bytes[index] {
             case 0x20, 0x0A, 0x0D, 0x09: index += 1
@@ -212,6 +282,18 @@ public struct JSONScanner {
         index += 1  // opening quote
         var escaped = false
         while index < bytes.count {
+            // Eight bytes at a time while none of them needs a look: no quote, backslash, control
+            // character or non-ASCII byte. Then `index` is at the first one that does.
+            while index &+ 8 <= bytes.count {
+                let special = JSONScanner.specialBytes(bytes.loadUnaligned(fromByteOffset: index, as: UInt64.self))
+                if special == 0 {
+                    index &+= 8
+                } else {
+                    index &+= special.trailingZeroBitCount &>> 3
+                    break
+                }
+            }
+            guard index < bytes.count else { break }
             let b = bytes[index]
             if b == UInt8(ascii: "\"") { index += 1; return escaped }
             if b == UInt8(ascii: "\\") {
@@ -250,6 +332,20 @@ public struct JSONScanner {
             }
         }
         throw error("unterminated string")
+    }
+
+    /// A mask with the high bit set in (at least) the lowest byte of `word` (little-endian) that is
+    /// a quote, a backslash, below 0x20 or above 0x7F; zero when there is none. The borrow of the
+    /// subtractions can only mark bytes above a real match, so the lowest marked byte is exact.
+    @inline(__always) static func specialBytes(_ word: UInt64) -> UInt64 {
+        let ones: UInt64 = 0x0101_0101_0101_0101
+        let highs: UInt64 = 0x8080_8080_8080_8080
+        let quote = word ^ (ones &* 0x22)
+        let backslash = word ^ (ones &* 0x5C)
+        let isQuote = (quote &- ones) & ~quote
+        let isBackslash = (backslash &- ones) & ~backslash
+        let isControl = (word &- ones &* 0x20) & ~word
+        return (isQuote | isBackslash | isControl | word) & highs
     }
 
     mutating func hex4() throws(JSONError) -> UInt16 {
@@ -356,5 +452,22 @@ public struct JSONScanner {
 
     func printable(_ b: UInt8) -> String {
         b >= 0x20 && b < 0x7F ? String(UnicodeScalar(b)) : "\\x" + String(b, radix: 16)
+    }
+}
+
+/// An object member's key as written between its quotes (escapes not yet decoded).
+public struct JSONKey {
+    public let raw: UnsafeRawBufferPointer
+    public let escaped: Bool
+
+    /// The decoded key.
+    public var string: String { escaped ? JSONScanner.unescape(raw) : String(decoding: raw, as: UTF8.self) }
+
+    /// Whether the decoded key is `name`, without building a String in the common case.
+    @inline(__always) public func `is`(_ name: StaticString) -> Bool {
+        if escaped { return string == name.description }
+        guard raw.count == name.utf8CodeUnitCount else { return false }
+        guard let base = raw.baseAddress else { return true }
+        return memcmp(base, name.utf8Start, raw.count) == 0
     }
 }

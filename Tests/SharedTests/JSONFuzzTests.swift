@@ -1,0 +1,137 @@
+import Foundation
+import NIOCore
+import XCTest
+
+@testable import Shared
+
+/// Random and adversarial documents: the scanner against Foundation's parser (acceptance and
+/// decoded strings), and the one-pass batch validator against the multi-pass reference.
+final class JSONFuzzTests: XCTestCase {
+    /// Pieces of string bodies, valid and not, so that every kind of byte the 8-byte fast path must
+    /// stop at lands at every offset within a word.
+    static let pieces: [[UInt8]] = [
+        Array("a".utf8), Array("hello".utf8), Array("0123456789abcdef".utf8), Array(" ".utf8),
+        Array("\\\"".utf8), Array("\\\\".utf8), Array("\\n".utf8), Array("\\/".utf8), Array("\\u00e9".utf8),
+        Array("\\ud83d\\ude00".utf8), Array("é".utf8), Array("日本".utf8), Array("😀".utf8), [0x7F],
+        // invalid: raw control characters, bad escapes, broken or forbidden UTF-8, lone surrogates
+        [0x09], [0x00], [0x1F], Array("\\x".utf8), Array("\\u12".utf8), Array("\\ud83d".utf8), [0xFF], [0xC0, 0x80],
+        [0x80], [0xE2, 0x82], [0xED, 0xA0, 0x80], [0xF4, 0x90, 0x80, 0x80], [0xC3],
+    ]
+    static let invalidFrom = 14
+
+    func randomBody(_ rng: inout SeededRNG, invalidChance: Int) -> [UInt8] {
+        var body: [UInt8] = []
+        for _ in 0..<Int.random(in: 0..<24, using: &rng) {
+            let valid = Int.random(in: 0..<100, using: &rng) >= invalidChance
+            let range = valid ? 0..<Self.invalidFrom : Self.invalidFrom..<Self.pieces.count
+            body += Self.pieces[Int.random(in: range, using: &rng)]
+        }
+        return body
+    }
+
+    func testStringsAgreeWithFoundation() {
+        var rng = SeededRNG(state: 20_261_126)
+        var accepted = 0
+        for round in 0..<20_000 {
+            let padding = [UInt8](repeating: UInt8(ascii: " "), count: round % 9)
+            let body = randomBody(&rng, invalidChance: round % 3 == 0 ? 3 : 0)
+            let doc: [UInt8] = Array("[".utf8) + padding + [UInt8(ascii: "\"")] + body + Array("\",1]".utf8)
+            let ours = doc.withUnsafeBytes { raw in (try? JSON.validate(raw)) != nil }
+            let theirs = try? JSONSerialization.jsonObject(with: Data(doc)) as? [Any]
+            XCTAssertEqual(ours, theirs != nil, "round \(round): \(doc.map { String($0, radix: 16) })")
+            guard ours, let theirs, let expected = theirs.first as? String else { continue }
+            accepted += 1
+            let decoded = doc.withUnsafeBytes { raw -> String? in
+                let elements = try? JSON.elements(raw)
+                return elements.flatMap { JSON.string(UnsafeRawBufferPointer(rebasing: raw[$0[0]])) }
+            }
+            XCTAssertEqual(decoded, expected, "round \(round)")
+        }
+        XCTAssertGreaterThan(accepted, 10_000)
+    }
+
+    // MARK: The batch validator
+
+    func randomBatch(_ rng: inout SeededRNG) -> String {
+        func pick(_ options: [String]) -> String { options.randomElement(using: &rng)! }
+        var members: [String] = []
+        if Int.random(in: 0..<10, using: &rng) > 0 {
+            members.append("\"environment\":" + pick(["\"production\"", "\"development\"", "\"unknown\"", "\"staging\"", "1", "null"]))
+        }
+        for key in ["mpid", "batch_id"] where Bool.random(using: &rng) {
+            members.append(
+                "\"\(key)\":"
+                    + pick([
+                        "-9223372036854775808", "9223372036854775807", "9223372036854775808", "\"42\"", "\"+7\"", "\"-\"",
+                        "1.5", "1e3", "null", "\"4\\u0032\"", "true", "\"\"", "0",
+                    ]))
+        }
+        for key in ["user_identities", "device_info", "user_attributes", "context", "other"] where Int.random(in: 0..<4, using: &rng) == 0 {
+            members.append("\"\(key)\":" + pick(["{}", "[]", "\"x\"", "null", "{\"a\":[1,{\"b\":\"c\"}]}"]))
+        }
+        if Int.random(in: 0..<8, using: &rng) > 0 {
+            var events: [String] = []
+            for _ in 0..<Int.random(in: 0..<5, using: &rng) {
+                var fields: [String] = []
+                if Int.random(in: 0..<8, using: &rng) > 0 {
+                    fields.append("\"event_type\":" + pick(["\"custom_event\"", "\"screen_view\"", "\"nope\"", "\"\"", "3", "\"session_start\""]))
+                }
+                if Int.random(in: 0..<8, using: &rng) > 0 {
+                    var data: [String] = []
+                    for key in ["event_id", "session_id", "source_message_id", "custom_attributes"] where Bool.random(using: &rng) {
+                        data.append("\"\(key)\":" + pick(["1", "\"-5\"", "\"abc\"", "null", "2.5", "{\"k\":\"v\"}", "18446744073709551616"]))
+                    }
+                    fields.append("\"data\":" + (Int.random(in: 0..<10, using: &rng) == 0 ? "[]" : "{\(data.joined(separator: ","))}"))
+                }
+                if Bool.random(using: &rng) { fields.append("\"timestamp_unixtime_ms\":1700000000000") }
+                fields.shuffle(using: &rng)
+                events.append(Int.random(in: 0..<15, using: &rng) == 0 ? "1" : "{\(fields.joined(separator: ", "))}")
+            }
+            members.append("\"events\":" + (Int.random(in: 0..<15, using: &rng) == 0 ? "{}" : "[\(events.joined(separator: ","))]"))
+        }
+        members.shuffle(using: &rng)
+        return "{\(members.joined(separator: ","))}"
+    }
+
+    /// A few random byte edits: removals, JSON punctuation, bad bytes, deep nesting.
+    func mutate(_ doc: String, _ rng: inout SeededRNG) -> [UInt8] {
+        var bytes = Array(doc.utf8)
+        for _ in 0..<Int.random(in: 1...3, using: &rng) where !bytes.isEmpty {
+            let at = Int.random(in: 0..<bytes.count, using: &rng)
+            switch Int.random(in: 0..<4, using: &rng) {
+            case 0: bytes.remove(at: at)
+            case 1: bytes.insert(Array("{}[]:,\"\\ 0-e.".utf8).randomElement(using: &rng)!, at: at)
+            case 2: bytes[at] = [0x00, 0xFF, 0xC3, 0x80, 0x0A].randomElement(using: &rng)!
+            default: bytes.insert(contentsOf: Array(String(repeating: "[", count: 70).utf8), at: at)
+            }
+        }
+        return bytes
+    }
+
+    func testOnePassValidatorAgreesWithReference() {
+        var rng = SeededRNG(state: 7_202_611)
+        let validator = BatchValidator(maxBatchBytes: 1 << 20)
+        let reference = ReferenceBatchValidator()
+        var outcomes: [String: Int] = [:]
+        for round in 0..<20_000 {
+            let batch = randomBatch(&rng)
+            let bytes = round % 4 == 0 ? mutate(batch, &rng) : Array(batch.utf8)
+            let buffer = ByteBuffer(bytes: bytes)
+            let ours = Result { () throws(BatchError) in try validator.validate(buffer) }
+            let theirs = Result { () throws(BatchError) in try reference.validate(buffer) }
+            switch (ours, theirs) {
+            case (.success(let a), .success(let b)):
+                XCTAssertEqual(a.mpid, b.mpid, batch)
+                XCTAssertEqual(a.eventCount, b.eventCount, batch)
+                outcomes["accepted", default: 0] += 1
+            case (.failure(let a), .failure(let b)):
+                XCTAssertEqual(a, b, String(decoding: bytes, as: UTF8.self))
+                outcomes[a.message.contains("not a JSON object") ? "syntax" : "field", default: 0] += 1
+            default:
+                XCTFail("round \(round): one-pass \(ours), reference \(theirs): \(String(decoding: bytes, as: UTF8.self))")
+            }
+        }
+        // The generator reaches every outcome often.
+        for kind in ["accepted", "syntax", "field"] { XCTAssertGreaterThan(outcomes[kind] ?? 0, 1000, "\(outcomes)") }
+    }
+}
