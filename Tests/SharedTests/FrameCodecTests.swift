@@ -34,6 +34,20 @@ final class FrameCodecTests: XCTestCase {
         XCTAssertTrue(wire.contains("\"payload\":{\"environment\""), wire)
     }
 
+    /// A forwarded payload is found by its structure, not parsed again: its bytes come out exactly
+    /// as sent (strings holding brackets and escaped quotes included); a frame without a payload
+    /// value is refused.
+    func testPayloadIsSkippedByStructure() throws {
+        let payload = "{\"a\":\"}]\\\"[{\",\"b\":[1,{\"c\":\"\\\\\"}],\"d\":-0.5e3}"
+        for body in ["{\"type\":\"batch\",\"id\":3,\"payload\":\(payload)}", "{\"type\":\"batch\",\"payload\": \(payload) ,\"id\":3}"] {
+            let frame = try Frame.decode(body: ByteBuffer(string: body))
+            XCTAssertEqual(frame.payload.map { String(buffer: $0) }, payload)
+            XCTAssertEqual(frame.id, 3)
+        }
+        XCTAssertThrowsError(try Frame.decode(body: ByteBuffer(string: "{\"type\":\"batch\",\"payload\":}")))
+        XCTAssertThrowsError(try Frame.decode(body: ByteBuffer(string: "{\"type\":\"batch\",\"payload\":{\"a\":1}")))
+    }
+
     func testDripFedAndManyFramesPerRead() throws {
         let frames = sampleFrames()
         let whole = encoded(frames)

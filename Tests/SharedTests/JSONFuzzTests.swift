@@ -134,4 +134,31 @@ final class JSONFuzzTests: XCTestCase {
         // The generator reaches every outcome often.
         for kind in ["accepted", "syntax", "field"] { XCTAssertGreaterThan(outcomes[kind] ?? 0, 1000, "\(outcomes)") }
     }
+
+    /// Skipping by structure (validated documents) finds the same members and elements as skipping
+    /// with validation, whatever the strings hold.
+    func testTrustedSkippingFindsTheSameRanges() throws {
+        var rng = SeededRNG(state: 31)
+        var compared = 0
+        for _ in 0..<5_000 {
+            var doc = Array(randomBatch(&rng).utf8)
+            // A string member with escapes and multi-byte characters at a random word offset.
+            let extra: [UInt8] = Array("\"k\":\"".utf8) + randomBody(&rng, invalidChance: 0) + Array("\", ".utf8)
+            doc.insert(contentsOf: extra, at: 1)
+            if doc[doc.count - 2] == UInt8(ascii: ",") { doc.remove(at: doc.count - 2) }
+            try doc.withUnsafeBytes { raw in
+                guard (try? JSON.validate(raw)) != nil else { return }
+                compared += 1
+                let checked = try JSON.members(raw)
+                let trusted = try JSON.members(raw, trusted: true)
+                XCTAssertEqual(checked.map(\.key), trusted.map(\.key))
+                XCTAssertEqual(checked.map(\.range), trusted.map(\.range))
+                for m in checked where JSON.kind(UnsafeRawBufferPointer(rebasing: raw[m.range])) == .array {
+                    let value = UnsafeRawBufferPointer(rebasing: raw[m.range])
+                    XCTAssertEqual(try JSON.elements(value), try JSON.elements(value, trusted: true))
+                }
+            }
+        }
+        XCTAssertGreaterThan(compared, 4_000)
+    }
 }

@@ -19,7 +19,9 @@ extension KafkaConnectionSettings {
     {
         var output = KafkaBatchOutput(messages: [])
         guard JSON.kind(raw) == .object else { return KafkaBatchOutput(messages: [original]) }
-        let members = try JSON.members(raw, maxDepth: .max)
+        // One validating pass; everything below finds its way by structure alone.
+        try JSON.validate(raw, maxDepth: .max)
+        let members = try JSON.members(raw, trusted: true)
         func value(_ range: Range<Int>) -> UnsafeRawBufferPointer { UnsafeRawBufferPointer(rebasing: raw[range]) }
         var changed = false
 
@@ -30,10 +32,10 @@ extension KafkaConnectionSettings {
         if let i = members.firstIndex(where: { $0.key == "events" }), JSON.kind(value(members[i].range)) == .array {
             eventsMember = i
             let base = members[i].range.lowerBound
-            for (position, r) in try JSON.elements(value(members[i].range), maxDepth: .max).enumerated() {
+            for (position, r) in try JSON.elements(value(members[i].range), trusted: true).enumerated() {
                 let range = (base + r.lowerBound)..<(base + r.upperBound)
                 let event = value(range)
-                let eventMembers = JSON.kind(event) == .object ? try JSON.members(event, maxDepth: .max) : []
+                let eventMembers = JSON.kind(event) == .object ? try JSON.members(event, trusted: true) : []
                 let type = eventMembers.first { $0.key == "event_type" }.flatMap { JSON.string(value(shift($0.range, range))) } ?? ""
                 guard Self.supportedEventTypes.contains(type) else {
                     output.unsupportedEvents += 1
@@ -49,7 +51,7 @@ extension KafkaConnectionSettings {
                 if !includeLocation, let d = eventMembers.firstIndex(where: { $0.key == "data" }) {
                     let dataRange = shift(eventMembers[d].range, range)
                     if JSON.kind(value(dataRange)) == .object {
-                        let dataMembers = try JSON.members(value(dataRange), maxDepth: .max)
+                        let dataMembers = try JSON.members(value(dataRange), trusted: true)
                         if dataMembers.contains(where: { $0.key == "location" }) {
                             // The event again, its data without `location`.
                             var data = ObjectWriter()
@@ -69,7 +71,7 @@ extension KafkaConnectionSettings {
                     var id: String?
                     if let d = eventMembers.first(where: { $0.key == "data" }), JSON.kind(value(shift(d.range, range))) == .object {
                         let dataRange = shift(d.range, range)
-                        id = try JSON.members(value(dataRange), maxDepth: .max).first { $0.key == "source_message_id" }
+                        id = try JSON.members(value(dataRange), trusted: true).first { $0.key == "source_message_id" }
                             .flatMap { JSON.string(value(shift($0.range, dataRange))) }
                     }
                     id = id ?? eventMembers.first { $0.key == "source_message_id" }.flatMap { JSON.string(value(shift($0.range, range))) }
@@ -105,7 +107,7 @@ extension KafkaConnectionSettings {
             case "user_identities" where JSON.kind(value(m.range)) == .object:
                 // mParticle's outgoing form: a list of {identity_type, identity, timestamp_unixtime_ms}.
                 var list = ArrayWriter()
-                for identity in try JSON.members(value(m.range), maxDepth: .max) {
+                for identity in try JSON.members(value(m.range), trusted: true) {
                     var item = ObjectWriter()
                     item.member("identity_type", .string(identity.key))
                     item.member("identity", .bytes(shift(identity.range, m.range)))
@@ -161,7 +163,7 @@ extension KafkaConnectionSettings {
     {
         let object = UnsafeRawBufferPointer(rebasing: raw[range])
         guard JSON.kind(object) == .object else { return .bytes(range) }
-        let members = try JSON.members(object, maxDepth: .max)
+        let members = try JSON.members(object, trusted: true)
         guard members.contains(where: { $0.key == key }) else { return .bytes(range) }
         changed = true
         var writer = ObjectWriter()

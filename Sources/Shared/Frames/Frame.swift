@@ -175,8 +175,29 @@ extension Frame {
     /// Decodes one frame body (the JSON, without the length prefix).
     public static func decode(body: ByteBuffer) throws(FrameError) -> Frame {
         let result: Result<Frame, FrameError> = body.withUnsafeReadableBytes { raw in
-            let members: [(key: String, range: Range<Int>)]
-            do throws(JSONError) { members = try JSON.members(raw) } catch { return .failure(.invalidJSON(error)) }
+            // Every member is validated except `payload`: a batch that one Sluice process hands to
+            // another was validated where it entered (ingest) or written by the sender, and a process
+            // that only forwards it does not parse it again. It is skipped by its structure.
+            var members: [(key: String, range: Range<Int>)] = []
+            do {
+                var scanner = JSONScanner(raw)
+                scanner.skipWhitespace()
+                try scanner.readObject(depth: 0) { s, key in
+                    let start = s.position
+                    if key.is("payload") {
+                        s.skipStructure()
+                        guard s.position > start else { throw JSONError(offset: start, message: "expected the payload's value") }
+                    } else {
+                        try s.skipValue(depth: 1)
+                    }
+                    members.append((key.string, start..<s.position))
+                }
+                try scanner.expectEnd()
+            } catch let error as JSONError {
+                return .failure(.invalidJSON(error))
+            } catch {
+                return .failure(.invalidFrame("\(error)"))
+            }
             var type: FrameType?
             var id: UInt64?
             var frame = Frame(type: .error)

@@ -20,11 +20,13 @@ public enum JSON {
         if let result { throw result }
     }
 
-    /// The members of a top-level object, each value validated and given as a byte range.
-    public static func members(_ bytes: UnsafeRawBufferPointer, maxDepth: Int = JSONScanner.defaultMaxDepth)
-        throws(JSONError) -> [(key: String, range: Range<Int>)]
+    /// The members of a top-level object, each value validated (unless `trusted`: see
+    /// `JSONScanner.trusted`) and given as a byte range.
+    public static func members(
+        _ bytes: UnsafeRawBufferPointer, maxDepth: Int = JSONScanner.defaultMaxDepth, trusted: Bool = false
+    ) throws(JSONError) -> [(key: String, range: Range<Int>)]
     {
-        var scanner = JSONScanner(bytes, maxDepth: maxDepth)
+        var scanner = JSONScanner(bytes, maxDepth: maxDepth, trusted: trusted)
         var out: [(key: String, range: Range<Int>)] = []
         do {
             try scanner.forEachMember { key, range in out.append((key, range)) }
@@ -33,11 +35,12 @@ public enum JSON {
         return out
     }
 
-    /// The elements of a top-level array, each validated and given as a byte range.
-    public static func elements(_ bytes: UnsafeRawBufferPointer, maxDepth: Int = JSONScanner.defaultMaxDepth)
-        throws(JSONError) -> [Range<Int>]
+    /// The elements of a top-level array, each validated (unless `trusted`) and given as a byte range.
+    public static func elements(
+        _ bytes: UnsafeRawBufferPointer, maxDepth: Int = JSONScanner.defaultMaxDepth, trusted: Bool = false
+    ) throws(JSONError) -> [Range<Int>]
     {
-        var scanner = JSONScanner(bytes, maxDepth: maxDepth)
+        var scanner = JSONScanner(bytes, maxDepth: maxDepth, trusted: trusted)
         var out: [Range<Int>] = []
         do {
             try scanner.forEachElement { out.append($0) }
