@@ -19,64 +19,49 @@ extension KafkaConnectionSettings {
     {
         var output = KafkaBatchOutput(messages: [])
         guard JSON.kind(raw) == .object else { return KafkaBatchOutput(messages: [original]) }
-        // One validating pass; everything below finds its way by structure alone.
-        try JSON.validate(raw, maxDepth: .max)
-        let members = try JSON.members(raw, trusted: true)
+        let outline = try BatchOutline(raw)
+        let members = outline.members
         func value(_ range: Range<Int>) -> UnsafeRawBufferPointer { UnsafeRawBufferPointer(rebasing: raw[range]) }
         var changed = false
 
         // Events: supported types only, then the settings' filters, then per-event projections.
         var events: [Piece] = []
         var eventIDs: [String] = []
-        var eventsMember: Int?
-        if let i = members.firstIndex(where: { $0.key == "events" }), JSON.kind(value(members[i].range)) == .array {
-            eventsMember = i
-            let base = members[i].range.lowerBound
-            for (position, r) in try JSON.elements(value(members[i].range), trusted: true).enumerated() {
-                let range = (base + r.lowerBound)..<(base + r.upperBound)
-                let event = value(range)
-                let eventMembers = JSON.kind(event) == .object ? try JSON.members(event, trusted: true) : []
-                let type = eventMembers.first { $0.key == "event_type" }.flatMap { JSON.string(value(shift($0.range, range))) } ?? ""
-                guard Self.supportedEventTypes.contains(type) else {
-                    output.unsupportedEvents += 1
-                    changed = true
-                    continue
-                }
-                guard forwards(eventType: type) else {
-                    output.filteredEvents += 1
-                    changed = true
-                    continue
-                }
-                var piece = Piece.bytes(range)
-                if !includeLocation, let d = eventMembers.firstIndex(where: { $0.key == "data" }) {
-                    let dataRange = shift(eventMembers[d].range, range)
-                    if JSON.kind(value(dataRange)) == .object {
-                        let dataMembers = try JSON.members(value(dataRange), trusted: true)
-                        if dataMembers.contains(where: { $0.key == "location" }) {
-                            // The event again, its data without `location`.
-                            var data = ObjectWriter()
-                            for m in dataMembers where m.key != "location" { data.member(m.key, .bytes(shift(m.range, dataRange))) }
-                            var rewritten = ObjectWriter()
-                            for (k, m) in eventMembers.enumerated() {
-                                rewritten.member(m.key, k == d ? .object(data) : .bytes(shift(m.range, range)))
-                            }
-                            piece = .object(rewritten)
-                            changed = true
-                        }
+        let eventsMember = outline.eventsMember
+        for (position, event) in outline.events.enumerated() {
+            let type = event.members.first { $0.key.is("event_type") }.flatMap { JSON.string(value($0.range)) } ?? ""
+            guard Self.supportedEventTypes.contains(type) else {
+                output.unsupportedEvents += 1
+                changed = true
+                continue
+            }
+            guard forwards(eventType: type) else {
+                output.filteredEvents += 1
+                changed = true
+                continue
+            }
+            var piece = Piece.bytes(event.range)
+            if !includeLocation, let data = event.data, data.contains(where: { $0.key.is("location") }) {
+                // The event again, its data without `location`.
+                var rewritten = ObjectWriter()
+                for (k, m) in event.members.enumerated() {
+                    if k == event.dataIndex {
+                        var object = ObjectWriter()
+                        for d in data where !d.key.is("location") { object.member(d.key.string, .bytes(d.range)) }
+                        rewritten.member(m.key.string, .object(object))
+                    } else {
+                        rewritten.member(m.key.string, .bytes(m.range))
                     }
                 }
-                events.append(piece)
-                if !sendAsBatch {
-                    // `data.source_message_id`, else the event's own, else its position in the batch.
-                    var id: String?
-                    if let d = eventMembers.first(where: { $0.key == "data" }), JSON.kind(value(shift(d.range, range))) == .object {
-                        let dataRange = shift(d.range, range)
-                        id = try JSON.members(value(dataRange), trusted: true).first { $0.key == "source_message_id" }
-                            .flatMap { JSON.string(value(shift($0.range, dataRange))) }
-                    }
-                    id = id ?? eventMembers.first { $0.key == "source_message_id" }.flatMap { JSON.string(value(shift($0.range, range))) }
-                    eventIDs.append(id ?? "index:\(position)")
-                }
+                piece = .object(rewritten)
+                changed = true
+            }
+            events.append(piece)
+            if !sendAsBatch {
+                // `data.source_message_id`, else the event's own, else its position in the batch.
+                var id = event.data?.first { $0.key.is("source_message_id") }.flatMap { JSON.string(value($0.range)) }
+                id = id ?? event.members.first { $0.key.is("source_message_id") }.flatMap { JSON.string(value($0.range)) }
+                eventIDs.append(id ?? "index:\(position)")
             }
         }
         if events.isEmpty && !sendBatchesWithoutEvents { return output }
@@ -88,10 +73,11 @@ extension KafkaConnectionSettings {
         if !includeMPDeviceID { dropped.insert("mp_deviceid") }
         if uniqueID != nil { dropped.insert("unique_id") }
         let timestamp: Piece =
-            members.first { $0.key == "timestamp_unixtime_ms" }.map { .bytes($0.range) } ?? .literal(String(receivedAt))
+            members.first { $0.key.is("timestamp_unixtime_ms") }.map { .bytes($0.range) } ?? .literal(String(receivedAt))
         var top: [(key: String, piece: Piece)] = []
         var eventsIndex: Int?
-        for (i, m) in members.enumerated() {
+        for (i, outlined) in members.enumerated() {
+            let m = (key: outlined.key.string, range: outlined.range)
             if dropped.contains(m.key) {
                 changed = true
                 continue
@@ -243,5 +229,94 @@ private struct ArrayWriter {
             e.write(raw, into: &out)
         }
         out.writeStaticString("]")
+    }
+}
+
+/// What splicing needs of a batch, read in one validating pass: the top-level members (ranges
+/// absolute in the batch) and, when `events` is an array, each event's members and the members of
+/// its first `data` member when that is an object. Keys stay as bytes of the batch.
+private struct BatchOutline {
+    struct Member {
+        var key: JSONKey
+        var range: Range<Int>
+    }
+    struct Event {
+        var range: Range<Int>
+        /// Empty when the event is not an object.
+        var members: [Member] = []
+        /// Index in `members` of the first `data` member, and its members when it is an object.
+        var dataIndex: Int?
+        var data: [Member]?
+    }
+
+    var members: [Member] = []
+    /// Index in `members` of the first `events` member, when it is an array (then `events` lists it).
+    var eventsMember: Int?
+    var events: [Event] = []
+
+    init(_ raw: UnsafeRawBufferPointer) throws(JSONError) {
+        var scanner = JSONScanner(raw, maxDepth: .max)
+        var members: [Member] = []
+        var eventsMember: Int?
+        var seenEvents = false
+        var events: [Event] = []
+        do {
+            scanner.skipWhitespace()
+            try scanner.readObject(depth: 0) { s, key in
+                let start = s.position
+                if !seenEvents && key.is("events") {
+                    seenEvents = true
+                    guard s.peek() == UInt8(ascii: "[") else {
+                        try s.skipValue(depth: 1)
+                        members.append(Member(key: key, range: start..<s.position))
+                        return
+                    }
+                    eventsMember = members.count
+                    try s.readArray(depth: 1) { s, _ in events.append(try BatchOutline.event(&s)) }
+                } else {
+                    try s.skipValue(depth: 1)
+                }
+                members.append(Member(key: key, range: start..<s.position))
+            }
+            try scanner.expectEnd()
+        } catch let error as JSONError {
+            throw error
+        } catch {
+            throw JSONError(offset: scanner.position, message: "\(error)")
+        }
+        self.members = members
+        self.eventsMember = eventsMember
+        self.events = events
+    }
+
+    private static func event(_ s: inout JSONScanner) throws -> Event {
+        let start = s.position
+        guard s.peek() == UInt8(ascii: "{") else {
+            try s.skipValue(depth: 2)
+            return Event(range: start..<s.position)
+        }
+        var event = Event(range: start..<start)
+        try s.readObject(depth: 2) { s, key in
+            let valueStart = s.position
+            if event.dataIndex == nil, key.is("data") {
+                event.dataIndex = event.members.count
+                if s.peek() == UInt8(ascii: "{") {
+                    var data: [Member] = []
+                    try s.readObject(depth: 3) { s, key in
+                        let dataStart = s.position
+                        try s.skipValue(depth: 4)
+                        data.append(Member(key: key, range: dataStart..<s.position))
+                    }
+                    event.data = data
+                } else {
+                    try s.skipValue(depth: 3)
+                }
+            } else {
+                try s.skipValue(depth: 3)
+            }
+            event.members.append(Member(key: key, range: valueStart..<s.position))
+        }
+        event.range = start..<s.position
+        return event
     }
 }
