@@ -14,6 +14,12 @@ struct IngestMetrics: Sendable {
     let spoolLimit = Metrics.gauge("sluice_ingest_spool_limit_bytes", "The spool's size limit (ingest.spool_max_bytes).")
     let spoolPending = Metrics.gauge(
         "sluice_ingest_spool_pending_deliveries", "Deliveries (a batch for one destination) waiting in the spool.")
+    let spoolCommit = Metrics.histogram(
+        "sluice_ingest_spool_commit_seconds",
+        "One spool transaction: the appends and completions queued while the previous one was written, and its fsync.")
+    let spoolCommittedOperations = Metrics.counter(
+        "sluice_ingest_spool_committed_operations_total",
+        "Appends (one per request) and completions written by spool transactions; divided by the commits, the group size.")
     let routerConnected = Metrics.gauge("sluice_ingest_router_connected", "1 when the router connection is up.")
     let ready = Metrics.gauge("sluice_ingest_ready", "1 when /readyz says ready.")
 

@@ -2,6 +2,7 @@ import Foundation
 import GRDB
 import NIOConcurrencyHelpers
 import NIOCore
+import Observability
 import Shared
 
 /// One destination's copy of a spooled batch, waiting until that destination has it.
@@ -215,6 +216,11 @@ final class Spool: Sendable {
             let now = Int64(Date().timeIntervalSince1970 * 1000)
             let backlogBefore = state.withLockedValue { $0.backlog }
             let cap = maxBacklogPerDestination
+            let stopwatch = Stopwatch()
+            defer {
+                stopwatch.record(into: IngestMetrics.shared.spoolCommit)
+                IngestMetrics.shared.spoolCommittedOperations.increment(by: Int64(operations.count))
+            }
             do {
                 let result = try await db.write { db -> (ids: [[Int64]], bytes: Int, backlog: [DeliveryTarget: Int]) in
                     var ids: [[Int64]] = []
