@@ -28,9 +28,12 @@ struct DeliveryTarget: Hashable, Sendable, CustomStringConvertible {
 /// delivery. Destinations advance independently: one that is down keeps its own backlog, capped
 /// (`maxBacklogPerDestination`; beyond it the oldest become dead letters, reason "backlog cap").
 ///
-/// SQLite in WAL mode with `synchronous=FULL` (each commit reaches the disk). Appends from
-/// concurrent requests are grouped: one transaction — one fsync — carries all that arrived while
-/// the previous one was being written. The files are private to the service user (0600).
+/// The batches' bytes go to the payload log (`PayloadLog`: append-only segments, fdatasync'd);
+/// the rows that say which destinations still need them go to SQLite in WAL mode with
+/// `synchronous=FULL` (each commit reaches the disk), after the bytes are durable. Appends from
+/// concurrent requests are grouped: one log write and one transaction — two fsyncs — carry all
+/// that arrived while the previous group was being written. The files are private to the service
+/// user (0600).
 final class Spool: Sendable {
     enum Failure: Error, CustomStringConvertible {
         case full(used: Int, limit: Int)
@@ -62,6 +65,8 @@ final class Spool: Sendable {
     }
 
     private let db: DatabasePool
+    /// The batches' bytes (SQLite keeps where they are).
+    private let log: PayloadLog
     private let state = NIOLockedValueBox(State())
     let maxBytes: Int
     let maxBacklogPerDestination: Int
@@ -70,7 +75,7 @@ final class Spool: Sendable {
     /// (the `sluice-batch-id` Kafka header), across restarts and replays.
     let identity: String
 
-    init(directory: String, maxBytes: Int, maxBacklogPerDestination: Int = 100_000) throws {
+    init(directory: String, maxBytes: Int, maxBacklogPerDestination: Int = 100_000, segmentBytes: Int64 = 64 << 20) throws {
         try FileManager.default.createDirectory(
             atPath: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
         path = (directory as NSString).appendingPathComponent("spool.sqlite")
@@ -91,7 +96,13 @@ final class Spool: Sendable {
         try db.writeWithoutTransaction { db in try db.execute(sql: "PRAGMA synchronous = FULL") }
         try db.write { db in try Spool.createSchema(db) }
         identity = try db.read { db in try String.fetchOne(db, sql: "SELECT value FROM meta WHERE key = 'spool_id'") ?? "" }
-        let used = try db.read { db in try Int.fetchOne(db, sql: "SELECT COALESCE(SUM(length(payload)), 0) FROM batches") ?? 0 }
+        let used = try db.read { db in try Int.fetchOne(db, sql: "SELECT \(Spool.storedBytes) FROM batches") ?? 0 }
+        let references = try db.read { db in
+            try Row.fetchAll(db, sql: "SELECT segment, COUNT(*) AS n FROM batches WHERE segment IS NOT NULL GROUP BY segment")
+        }
+        log = try PayloadLog(
+            directory: directory, references: Dictionary(uniqueKeysWithValues: references.map { ($0["segment"], $0["n"]) }),
+            segmentBytes: segmentBytes)
         let backlog = try db.read { db in
             try Row.fetchAll(db, sql: "SELECT tenant, destination, COUNT(*) AS n FROM deliveries GROUP BY tenant, destination")
         }
@@ -103,6 +114,10 @@ final class Spool: Sendable {
             chmod(file, 0o600)
         }
     }
+
+    /// The bytes of the batches held, in SQL: inline payloads (replayed dead letters) and those in
+    /// the payload log.
+    static let storedBytes = "COALESCE(SUM(length(payload) + COALESCE(length, 0)), 0)"
 
     static func createSchema(_ db: Database) throws {
         try db.execute(
@@ -139,6 +154,12 @@ final class Spool: Sendable {
                 """)
         try db.execute(
             sql: "INSERT OR IGNORE INTO meta (key, value) VALUES ('spool_id', ?)", arguments: [UUID().uuidString.lowercased()])
+        // Where a batch's bytes are in the payload log; NULL for a batch whose `payload` holds them
+        // (replayed dead letters, spools written before the payload log).
+        let columns = try Row.fetchAll(db, sql: "PRAGMA table_info(batches)").map { $0["name"] as String }
+        for column in ["segment", "segment_offset", "length"] where !columns.contains(column) {
+            try db.execute(sql: "ALTER TABLE batches ADD COLUMN \(column) INTEGER")
+        }
     }
 
     var usedBytes: Int { state.withLockedValue { $0.usedBytes } }
@@ -176,17 +197,28 @@ final class Spool: Sendable {
             try Row.fetchAll(
                 db.cachedStatement(
                     sql: """
-                        SELECT d.id, d.batch_id, b.key, b.payload FROM deliveries d JOIN batches b ON b.id = d.batch_id
+                        SELECT d.id, d.batch_id, b.key, b.payload, b.segment, b.segment_offset, b.length
+                        FROM deliveries d JOIN batches b ON b.id = d.batch_id
                         WHERE d.tenant = ? AND d.destination = ? AND d.id > ? ORDER BY d.id LIMIT ?
                         """),
                 arguments: [target.tenant, target.destination, after, limit]
             ).map { row in
-                let data: Data = row["payload"]
-                return SpooledDelivery(
-                    id: row["id"], batchID: row["batch_id"], target: target, key: row["key"], payload: ByteBuffer(data: data))
+                SpooledDelivery(id: row["id"], batchID: row["batch_id"], target: target, key: row["key"], payload: try payload(row))
             }
         }
     }
+
+    /// A batch's bytes from a row with `payload`, `segment`, `segment_offset` and `length`.
+    private func payload(_ row: Row) throws -> ByteBuffer {
+        if let segment: Int64 = row["segment"] {
+            return try log.read(PayloadLocation(segment: segment, offset: row["segment_offset"], length: row["length"]))
+        }
+        let data: Data = row["payload"]
+        return ByteBuffer(data: data)
+    }
+
+    /// Payload log segments and their sizes, for tests.
+    var segments: [Int64: Int64] { log.segments }
 
     /// The writer's `PRAGMA synchronous` (2 = FULL), for tests.
     var synchronousMode: Int { (try? db.writeWithoutTransaction { db in try Int.fetchOne(db, sql: "PRAGMA synchronous") ?? -1 }) ?? -1 }
@@ -221,19 +253,32 @@ final class Spool: Sendable {
                 stopwatch.record(into: IngestMetrics.shared.spoolCommit)
                 IngestMetrics.shared.spoolCommittedOperations.increment(by: Int64(operations.count))
             }
+            var stored: [PayloadLocation] = []
             do {
-                let result = try await db.write { db -> (ids: [[Int64]], bytes: Int, backlog: [DeliveryTarget: Int]) in
+                // The bytes first, durably; then the rows that point at them.
+                var payloads: [ByteBuffer] = []
+                for op in operations { if case .append(let batches, _, _, _) = op { payloads += batches.map(\.bytes) } }
+                stored = payloads.isEmpty ? [] : try log.append(payloads)
+                let locations = stored
+                let log = self.log
+                let result = try await db.write { db -> (ids: [[Int64]], bytes: Int, backlog: [DeliveryTarget: Int], freed: [PayloadLocation]) in
                     var ids: [[Int64]] = []
                     var bytes = 0
                     var backlog = backlogBefore
+                    var nextLocation = locations.makeIterator()
+                    var freed: [PayloadLocation] = []
                     for op in operations {
                         switch op {
                         case .append(let batches, let tenant, let destinations, _):
                             var these: [Int64] = []
                             for b in batches {
+                                let at = nextLocation.next()!
                                 try db.cachedStatement(
-                                    sql: "INSERT INTO batches (tenant, key, payload, received_at) VALUES (?, ?, ?, ?)"
-                                ).execute(arguments: [tenant, b.mpid, Data(b.bytes.readableBytesView), now])
+                                    sql: """
+                                        INSERT INTO batches (tenant, key, payload, received_at, segment, segment_offset, length)
+                                        VALUES (?, ?, x'', ?, ?, ?, ?)
+                                        """
+                                ).execute(arguments: [tenant, b.mpid, now, at.segment, at.offset, at.length])
                                 let batchID = db.lastInsertedRowID
                                 these.append(batchID)
                                 bytes += b.bytes.readableBytes
@@ -253,7 +298,9 @@ final class Spool: Sendable {
                                     arguments: [tenant, d, excess])
                                 for delivery in oldest {
                                     let reason = "backlog cap: \(cap) batches were already waiting for this destination"
-                                    bytes -= try Spool.finish(db, delivery: delivery, deadLetter: DeadLetter(reason: reason, attempts: 0), now: now)
+                                    bytes -= try Spool.finish(
+                                        db, delivery: delivery, deadLetter: DeadLetter(reason: reason, attempts: 0), now: now, log: log,
+                                        freed: &freed)
                                     backlog[target, default: 0] -= 1
                                 }
                             }
@@ -263,14 +310,15 @@ final class Spool: Sendable {
                                     db.cachedStatement(sql: "SELECT tenant, destination FROM deliveries WHERE id = ?"),
                                     arguments: [delivery])
                             else { continue }  // already finished (a repeated ack)
-                            bytes -= try Spool.finish(db, delivery: delivery, deadLetter: deadLetter, now: now)
+                            bytes -= try Spool.finish(db, delivery: delivery, deadLetter: deadLetter, now: now, log: log, freed: &freed)
                             let target = DeliveryTarget(tenant: row["tenant"], destination: row["destination"])
                             // Replays made by `ingest dead-letters` are not counted in: never below 0.
                             backlog[target] = max(0, (backlog[target] ?? 0) - 1)
                         }
                     }
-                    return (ids, bytes, backlog)
+                    return (ids, bytes, backlog, freed)
                 }
+                for location in result.freed { log.release(location) }
                 let maxBytes = self.maxBytes
                 state.withLockedValue { s in
                     s.usedBytes += result.bytes
@@ -282,6 +330,7 @@ final class Spool: Sendable {
                     if case .append(_, _, _, let continuation) = op { continuation.resume(returning: next.next()!) }
                 }
             } catch {
+                for location in stored { log.release(location) }  // written, but no row points at them
                 for op in operations {
                     if case .append(_, _, _, let continuation) = op { continuation.resume(throwing: error) }
                 }
@@ -290,30 +339,47 @@ final class Spool: Sendable {
     }
 
     /// Removes a delivery (keeping a dead letter if given) and its batch once no delivery needs it.
-    /// Returns the bytes freed.
-    private static func finish(_ db: Database, delivery: Int64, deadLetter: DeadLetter?, now: Int64) throws -> Int {
+    /// Returns the bytes freed; a batch whose bytes were in the payload log adds its location to
+    /// `freed` (released once the transaction has committed).
+    private static func finish(
+        _ db: Database, delivery: Int64, deadLetter: DeadLetter?, now: Int64, log: PayloadLog, freed: inout [PayloadLocation]
+    ) throws -> Int {
         guard
-            let batchID = try Int64.fetchOne(
-                db.cachedStatement(sql: "SELECT batch_id FROM deliveries WHERE id = ?"), arguments: [delivery])
+            let row = try Row.fetchOne(
+                db.cachedStatement(
+                    sql: """
+                        SELECT d.tenant, d.destination, b.id, b.key, b.received_at, length(b.payload) AS inline, b.segment,
+                        b.segment_offset, b.length FROM deliveries d JOIN batches b ON b.id = d.batch_id WHERE d.id = ?
+                        """),
+                arguments: [delivery])
         else {
             return 0
         }
+        let batchID: Int64 = row["id"]
+        let location = (row["segment"] as Int64?).map {
+            PayloadLocation(segment: $0, offset: row["segment_offset"], length: row["length"])
+        }
         if let deadLetter {
+            // Dead letters keep their bytes in SQLite: they outlive the payload log's segments.
+            let bytes: Data =
+                try location.map { Data(try log.read($0).readableBytesView) }
+                ?? (Data.fetchOne(db, sql: "SELECT payload FROM batches WHERE id = ?", arguments: [batchID]) ?? Data())
             try db.execute(
                 sql: """
                     INSERT INTO dead_letters (batch_id, tenant, destination, key, payload, reason, attempts, received_at, failed_at)
-                    SELECT b.id, d.tenant, d.destination, b.key, b.payload, ?, ?, b.received_at, ?
-                    FROM deliveries d JOIN batches b ON b.id = d.batch_id WHERE d.id = ?
+                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
                     """,
-                arguments: [deadLetter.reason, deadLetter.attempts, now, delivery])
+                arguments: [
+                    batchID, row["tenant"], row["destination"], row["key"], bytes, deadLetter.reason, deadLetter.attempts,
+                    row["received_at"], now,
+                ])
         }
         try db.cachedStatement(sql: "DELETE FROM deliveries WHERE id = ?").execute(arguments: [delivery])
         let remaining =
             try Int.fetchOne(db.cachedStatement(sql: "SELECT COUNT(*) FROM deliveries WHERE batch_id = ?"), arguments: [batchID]) ?? 0
         guard remaining == 0 else { return 0 }
-        let size =
-            try Int.fetchOne(db.cachedStatement(sql: "SELECT length(payload) FROM batches WHERE id = ?"), arguments: [batchID]) ?? 0
         try db.cachedStatement(sql: "DELETE FROM batches WHERE id = ?").execute(arguments: [batchID])
-        return size
+        if let location { freed.append(location) }
+        return (row["inline"] as Int? ?? 0) + (location?.length ?? 0)
     }
 }

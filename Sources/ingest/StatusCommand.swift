@@ -62,7 +62,7 @@ struct SpoolSummary {
             for row in try Row.fetchAll(db, sql: "SELECT tenant, destination, COUNT(*) AS n FROM dead_letters GROUP BY tenant, destination") {
                 deadLetters[DeliveryTarget(tenant: row["tenant"], destination: row["destination"])] = row["n"]
             }
-            bytes = try Int.fetchOne(db, sql: "SELECT COALESCE(SUM(length(payload)), 0) FROM batches") ?? 0
+            bytes = try Int.fetchOne(db, sql: "SELECT \(Spool.storedBytes) FROM batches") ?? 0
         }
     }
 }

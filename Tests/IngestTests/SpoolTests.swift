@@ -130,4 +130,53 @@ final class SpoolTests: XCTestCase {
         let dirMode = try FileManager.default.attributesOfItem(atPath: dir)[.posixPermissions] as! Int
         XCTAssertEqual(dirMode & 0o777, 0o700)
     }
+
+    /// Batch bytes live in payload-log segments: a full segment makes way for a new one, a segment
+    /// goes when no batch needs it, and reopening finds every byte still needed and deletes the rest.
+    func testPayloadSegmentsRotateAndGoWhenNothingNeedsThem() async throws {
+        let body = String(repeating: "x", count: 1000)
+        var spool: Spool? = try Spool(directory: dir, maxBytes: 1 << 24, segmentBytes: 4096)
+        var ids: [Int64] = []
+        for i in 0..<10 {
+            ids += try await spool!.append(tenant: "t", destinations: ["a"], batches: [batch("{\"n\":\(i),\"p\":\"\(body)\"}")])
+        }
+        XCTAssertGreaterThanOrEqual(spool!.segments.count, 3, "\(spool!.segments)")
+        // The first six delivered: the segments holding only those go (not the one being written).
+        let target = DeliveryTarget(tenant: "t", destination: "a")
+        let first = try spool!.pending(target, after: 0, limit: 6)
+        for d in first { spool!.complete(delivery: d.id) }
+        try await waitFor { spool!.count == 4 }
+        let files = { try FileManager.default.contentsOfDirectory(atPath: self.dir).filter { $0.hasPrefix("payloads-") }.sorted() }
+        XCTAssertEqual(try files().count, spool!.segments.count)
+        XCTAssertLessThan(spool!.segments.count, 4)
+        XCTAssertEqual(spool!.usedBytes, try spool!.pending(target, after: 0, limit: 10).reduce(0) { $0 + $1.payload.readableBytes })
+        spool = nil
+        // Reopened: the remaining four are intact, oldest first; a new segment is started.
+        let reopened = try Spool(directory: dir, maxBytes: 1 << 24, segmentBytes: 4096)
+        let rest = try reopened.pending(target, after: 0, limit: 10)
+        XCTAssertEqual(rest.map(\.batchID), Array(ids[6...]))
+        for (k, d) in rest.enumerated() { XCTAssertEqual(String(buffer: d.payload), "{\"n\":\(6 + k),\"p\":\"\(body)\"}") }
+        for d in rest { reopened.complete(delivery: d.id) }
+        try await waitFor { reopened.count == 0 }
+        XCTAssertEqual(reopened.usedBytes, 0)
+        let left = try files()
+        XCTAssertEqual(left.count, 1, "only the segment being written is left: \(left)")
+    }
+
+    /// Dead letters take their bytes out of the payload log into SQLite; a replayed dead letter
+    /// (bytes inline in SQLite, as spools written before the payload log) is delivered like any other.
+    func testDeadLettersCarryTheirBytesOutOfTheLog() async throws {
+        let spool = try Spool(directory: dir, maxBytes: 1 << 20)
+        _ = try await spool.append(tenant: "t", destinations: ["a"], batches: [batch("{\"lost\":true}")])
+        let target = DeliveryTarget(tenant: "t", destination: "a")
+        let d = try spool.pending(target, after: 0, limit: 1)[0]
+        spool.complete(delivery: d.id, deadLetter: .init(reason: "no", attempts: 3))
+        try await waitFor { spool.count == 0 }
+        let store = try DeadLetterStore(spoolDirectory: dir)
+        XCTAssertEqual(try store.list(.init(tenant: nil, destination: nil)).map { String(decoding: $0.payload, as: UTF8.self) }, ["{\"lost\":true}"])
+        XCTAssertEqual(try store.replay(.init(tenant: nil, destination: nil)), 1)
+        XCTAssertEqual(spool.count, 1)
+        let again = try spool.pending(target, after: d.id, limit: 1)
+        XCTAssertEqual(again.map { String(buffer: $0.payload) }, ["{\"lost\":true}"])
+    }
 }
