@@ -39,7 +39,14 @@ final class FrameCodecTests: XCTestCase {
     /// value is refused.
     func testPayloadIsSkippedByStructure() throws {
         let payload = "{\"a\":\"}]\\\"[{\",\"b\":[1,{\"c\":\"\\\\\"}],\"d\":-0.5e3}"
-        for body in ["{\"type\":\"batch\",\"id\":3,\"payload\":\(payload)}", "{\"type\":\"batch\",\"payload\": \(payload) ,\"id\":3}"] {
+        let bodies = [
+            "{\"type\":\"batch\",\"id\":3,\"payload\":\(payload)}", "{\"type\":\"batch\",\"payload\": \(payload) ,\"id\":3}",
+            // With its length the payload is stepped over; a length that does not fit is ignored.
+            "{\"type\":\"batch\",\"id\":3,\"payload_bytes\":\(payload.utf8.count),\"payload\":\(payload)}",
+            "{\"type\":\"batch\",\"id\":3,\"payload_bytes\":9999,\"payload\":\(payload)}",
+            "{\"type\":\"batch\",\"id\":3,\"payload_bytes\":3,\"payload\":\(payload)}",
+        ]
+        for body in bodies {
             let frame = try Frame.decode(body: ByteBuffer(string: body))
             XCTAssertEqual(frame.payload.map { String(buffer: $0) }, payload)
             XCTAssertEqual(frame.id, 3)

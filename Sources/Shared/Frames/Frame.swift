@@ -165,12 +165,17 @@ extension Frame {
             if retryable { out.writeStaticString(",\"retryable\":true") } else { out.writeStaticString(",\"retryable\":false") }
         }
         if var payload {
+            // Its length first: the receiver steps over the payload instead of scanning it.
+            out.writeStaticString(",\"payload_bytes\":")
+            out.writeString(String(payload.readableBytes))
             out.writeStaticString(",\"payload\":")
             out.writeBuffer(&payload)
         }
         out.writeInteger(UInt8(ascii: "}"))
         out.setInteger(UInt32(out.writerIndex - start), at: lengthIndex)
     }
+
+    static let closingBrackets: [UInt8] = [UInt8(ascii: "}"), UInt8(ascii: "]")]
 
     /// Decodes one frame body (the JSON, without the length prefix).
     public static func decode(body: ByteBuffer) throws(FrameError) -> Frame {
@@ -181,12 +186,21 @@ extension Frame {
             var members: [(key: String, range: Range<Int>)] = []
             do {
                 var scanner = JSONScanner(raw)
+                var payloadBytes: Int?
                 scanner.skipWhitespace()
                 try scanner.readObject(depth: 0) { s, key in
                     let start = s.position
                     if key.is("payload") {
-                        s.skipStructure()
+                        // Stepped over when the sender gave its length (and the length ends on the
+                        // payload's last bracket); otherwise skipped by its structure.
+                        if let n = payloadBytes, n > 0, s.skip(bytes: n, endingWith: Frame.closingBrackets) {
+                        } else {
+                            s.skipStructure()
+                        }
                         guard s.position > start else { throw JSONError(offset: start, message: "expected the payload's value") }
+                    } else if key.is("payload_bytes") {
+                        try s.skipValue(depth: 1)
+                        payloadBytes = Int(String(decoding: s.bytes(start..<s.position), as: UTF8.self))
                     } else {
                         try s.skipValue(depth: 1)
                     }

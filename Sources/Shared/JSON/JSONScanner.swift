@@ -259,6 +259,14 @@ public struct JSONScanner {
         skipValidated()
     }
 
+    /// Steps over `count` bytes when they are in the document and the last one is one of
+    /// `endingWith`; otherwise stays put and returns false.
+    public mutating func skip(bytes count: Int, endingWith: [UInt8]) -> Bool {
+        guard count > 0, count <= bytes.count - index, endingWith.contains(bytes[index + count - 1]) else { return false }
+        index += count
+        return true
+    }
+
     /// Skips a value of a validated document by its structure.
     mutating func skipValidated() {
         switch bytes[index] {
