@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -106,6 +107,15 @@ class Proc:
             Path(f"/proc/{self.popen.pid}/clear_refs").write_text("5")
         except OSError:
             pass
+
+    def rss_mb(self):
+        try:
+            for line in Path(f"/proc/{self.popen.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return 0.0
 
     def peak_mb(self):
         try:
@@ -235,6 +245,38 @@ class Mode:
             self.results.append(r)
         return r
 
+    def soak(self, url, procs, rate):
+        """A long paced step (--soak seconds at `rate`) sampling each process's RSS every 10 s:
+        reports the growth per 10 minutes from a least-squares line over the samples after the first minute."""
+        samples, done = [], threading.Event()
+
+        def sample():
+            start = time.monotonic()
+            while not done.wait(10):
+                samples.append((time.monotonic() - start, {p.name: p.rss_mb() for p in procs}))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            r = self.step("sluice", f"soak {self.opts.soak // 60} min at 50%", url, procs + [self.cluster_proc], rate=rate,
+                          seconds=self.opts.soak, record=False)
+        finally:
+            done.set()
+            sampler.join()
+        later = [(t, v) for t, v in samples if t >= 60] or samples
+        slopes = {}
+        for p in procs:
+            xs, ys = [t for t, _ in later], [v[p.name] for _, v in later]
+            n = len(xs)
+            if n < 2:
+                continue
+            mx, my = sum(xs) / n, sum(ys) / n
+            var = sum((x - mx) ** 2 for x in xs)
+            slopes[p.name] = (ys[0], ys[-1], max(ys), 600 * sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else 0.0)
+        self.soak_result = {"step": r, "slopes": slopes, "samples": samples}
+        say(f"{self.name} soak: " + ", ".join(f"{n} {a:.0f}→{b:.0f} MB ({sl:+.1f} MB/10 min)"
+                                              for n, (a, b, _, sl) in slopes.items()))
+
     def sample_bytes(self, system, limit=2000):
         """Average key+value bytes of the messages `system` produced (a sample still on the brokers)."""
         _, avg = self.cluster.capture(self.topics(system), self.dir / f"{system}.sample", lambda t: t, limit=limit)
@@ -282,7 +324,8 @@ class Mode:
         procs += [Proc(f"kafka-out-{i}", [str(o.bin_dir / "kafka-out"), "run", "--instance", f"kafka-out-{i}"] + common,
                        self.dir) for i in range(o.kafka_outs)]
         procs.append(Proc("keen-out", [str(o.bin_dir / "keen-out")] + common, self.dir))
-        procs.append(Proc("ingest", [str(o.bin_dir / "ingest"), "serve", "--spool-dir", str(self.dir / "spool")]
+        spool = Path(tempfile.mkdtemp(prefix="sluice-spool-", dir="/dev/shm")) if o.spool_tmpfs else self.dir / "spool"
+        procs.append(Proc("ingest", [str(o.bin_dir / "ingest"), "serve", "--spool-dir", str(spool)]
                           + common, self.dir))
         url = f"http://127.0.0.1:{port}"
         try:
@@ -294,9 +337,13 @@ class Mode:
             sustained = min(top["req_s"], top["msgs_s"] / self.msgs_per_request)
             for frac in o.paced:
                 self.step("sluice", f"{int(frac * 100)}%", url, measured, rate=frac * sustained)
+            if o.soak:
+                self.soak(url, procs, 0.5 * sustained)
         finally:
             for p in reversed(procs):
                 p.stop()
+            if o.spool_tmpfs:
+                shutil.rmtree(spool, ignore_errors=True)
         self.sample_bytes("sluice")
 
     def run_raw(self):
@@ -341,7 +388,11 @@ class Mode:
             wait_http(url + "/healthz", 30, [peer])
             measured = [peer, self.cluster_proc]
             self.step(system, "warm-up", url, measured, seconds=o.warmup, record=False)
-            self.step(system, "max", url, measured)
+            top = self.step(system, "max", url, measured)
+            if o.pace_peers:
+                sustained = min(top["req_s"], top["msgs_s"] / self.msgs_per_request)
+                for frac in o.paced:
+                    self.step(system, f"{int(frac * 100)}%", url, measured, rate=frac * sustained)
         finally:
             peer.stop()
         self.sample_bytes(system)
@@ -395,6 +446,14 @@ def mode_report(m):
              for name, (_, peak) in r["cpu"].items() if peak and name != "dev-cluster"]
     if peaks:
         ratios.append("Sluice's largest peak RSS: %.0f MB, %s (target ≤ 64 MB per process)" % max(peaks))
+    soak = getattr(m, "soak_result", None)
+    if soak:
+        r = soak["step"]
+        ratios.append(f"Soak: {r['load']} ({r['rate']:,.0f} req/s for {r['seconds']:.0f} s): accepted {r['accepted_eps']:,.0f} ev/s, "
+                      f"delivered {r['delivered_eps']:,.0f} ev/s, p99 {r['p99']:.2f} ms, not 202: {r['not_202']}; RSS every 10 s, "
+                      "growth from a least-squares line after the first minute (target: none): "
+                      + ", ".join(f"{n} {a:.0f} → {b:.0f} MB (max {hi:.0f}, {sl:+.1f} MB per 10 min)"
+                                  for n, (a, b, hi, sl) in soak["slopes"].items()))
     lines += [""] + [f"- {x}" for x in ratios]
     names = []
     for r in m.results:
@@ -415,7 +474,7 @@ def mode_report(m):
 
 
 def fsync_cost(directory, n=200):
-    """p50 and p99 of fsync after a 16 KB write, in ms, on the filesystem of the spool."""
+    """p50, p99 and max of fsync after a 16 KB write, in ms, on the filesystem of the spool."""
     path, times = Path(directory) / "fsync-probe", []
     with open(path, "wb") as f:
         for _ in range(n):
@@ -426,7 +485,7 @@ def fsync_cost(directory, n=200):
             times.append((time.perf_counter() - t) * 1e3)
     path.unlink()
     times.sort()
-    return times[n // 2], times[n * 99 // 100]
+    return times[n // 2], times[n * 99 // 100], times[-1]
 
 
 def machine():
@@ -462,7 +521,9 @@ def report(modes, opts, started):
             f"- Machine: {machine()}", f"- Command: `{opts.command}`",
             f"- Sluice binaries: {os.path.relpath(opts.bin_origin, ROOT)}, built {opts.built:%Y-%m-%d %H:%M} UTC",
             f"- Versions: {versions()}",
-            "- fsync after a 16 KB write where the spool lives: p50 %.2f ms, p99 %.2f ms" % opts.fsync, ""]
+            ("- Spool on tmpfs (/dev/shm, --spool-tmpfs): fsyncs cost nothing and nothing is durable; "
+             "compare with a run on disk for the cost of the flushes" if opts.spool_tmpfs else
+             "- fsync after a 16 KB write where the spool lives: p50 %.2f ms, p99 %.2f ms, max %.2f ms" % opts.fsync), ""]
     return "\n".join(head + ["\n\n".join(mode_report(m) for m in modes), ""])
 
 
@@ -495,6 +556,11 @@ def parse_args():
     p.add_argument("--kafka-outs", type=int, default=1, help="kafka-out instances")
     p.add_argument("--paced", default="0.5,0.25", help="paced steps as fractions of the sustained max (quick: 0.5)")
     p.add_argument("--peer-acks", default="confirmed,queued")
+    p.add_argument("--spool-tmpfs", action="store_true",
+                   help="put Sluice's spool in /dev/shm: fsyncs cost nothing (NOT durable; shows what the disk's flushes cost)")
+    p.add_argument("--pace-peers", action="store_true", help="also run the peer at the paced fractions of its own max")
+    p.add_argument("--soak", type=int, default=0, metavar="SECONDS",
+                   help="after the paced steps, run Sluice at 50%% load this long sampling RSS (e.g. 600)")
     p.add_argument("--bin-dir", default=str(ROOT / ".build" / "release"))
     p.add_argument("--log-level", default="info", help="Sluice's log level")
     p.add_argument("--record", nargs="?", const=str(ROOT / "docs" / "BENCHMARKS.md"), metavar="FILE",
@@ -551,7 +617,8 @@ def main():
             if opts.record and ok:
                 record(text, opts.record)
             if opts.json:
-                Path(opts.json).write_text(json.dumps([{"mode": m.name, "results": m.results} for m in done], indent=1))
+                Path(opts.json).write_text(json.dumps([{"mode": m.name, "results": m.results,
+                                                        "soak": getattr(m, "soak_result", None)} for m in done], indent=1))
         if opts.keep or not ok:
             say("kept", work)
         else:

@@ -53,8 +53,9 @@ public enum Metrics {
 
 /// Records how long something took into a histogram.
 public struct Stopwatch: Sendable {
-    let start = ContinuousClock.now
+    public let start = ContinuousClock.now
     public init() {}
+    public var elapsed: Duration { ContinuousClock.now - start }
     public func record(into histogram: DurationHistogram) { histogram.record(ContinuousClock.now - start) }
 }
 

@@ -41,7 +41,7 @@ struct Serve: AsyncParsableCommand {
             ?? (options.runDir as NSString).appendingPathComponent("spool")
         let spool = try Spool(
             directory: directory, maxBytes: config.ingest.spoolMaxBytes,
-            maxBacklogPerDestination: config.ingest.maxBacklogPerDestination)
+            maxBacklogPerDestination: config.ingest.maxBacklogPerDestination, logger: logger)
         logger.info(
             "spool opened",
             metadata: ["spool.path": "\(spool.path)", "spool.batches": "\(spool.count)", "spool.bytes": "\(spool.usedBytes)"])

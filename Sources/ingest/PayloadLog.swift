@@ -99,10 +99,7 @@ final class PayloadLog: Sendable {
             s.segments[previous] = nil
             return old.fd
         }
-        if let retire {
-            close(retire)
-            unlink(path(n - 1))
-        }
+        if let retire { remove(retire, segment: n - 1) }
     }
 
     /// Appends the batches, durably (one write, one fdatasync), and returns where each one is.
@@ -177,11 +174,18 @@ final class PayloadLog: Sendable {
             s.segments[location.segment] = nil
             return segment.fd
         }
-        if let retire {
-            close(retire)
-            unlink(path(location.segment))
-        }
+        if let retire { remove(retire, segment: location.segment) }
     }
+
+    /// Closes a segment nothing refers to any more and deletes its file off the writer's path (a
+    /// 64 MB unlink is a file-system journal commit).
+    private func remove(_ fd: Int32, segment n: Int64) {
+        close(fd)
+        let file = path(n)
+        PayloadLog.cleanup.async { unlink(file) }
+    }
+
+    private static let cleanup = DispatchQueue(label: "sluice.spool.segment-cleanup")
 
     /// Segment files and their sizes, for status and tests.
     var segments: [Int64: Int64] { state.withLockedValue { s in s.segments.mapValues(\.size) } }

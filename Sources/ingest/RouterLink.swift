@@ -1,3 +1,4 @@
+import Dispatch
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
@@ -46,8 +47,11 @@ struct SpoolingSink: BatchSink {
 }
 
 /// Feeds the spool to the router over one connection, destination by destination: each
-/// destination's deliveries go in order, at most `window` unfinished at a time, so a destination
-/// that is down holds only its own window and the others keep flowing. A delivery is forgotten
+/// destination's deliveries go in order, at most `window` unfinished at a time and at most
+/// `windowBytes` of batch bytes (at least one), so a destination that is down holds only its own
+/// window and the others keep flowing, and what the router holds stays bounded per destination
+/// (64 × 11 KB ≈ 0.7 MB for typical batches: with 256 and no byte bound, 50 destinations in
+/// per-event mode took the router to 357 MB). A delivery is forgotten
 /// only when the router reports that its destination has the batch (`ack`) or never will (a
 /// dead letter). After a reconnect (router or ingest restarted) everything unfinished is sent
 /// again: the router ignores what it is already working on, so only work a crashed router had not
@@ -55,6 +59,7 @@ struct SpoolingSink: BatchSink {
 final class RouterLink: FrameConnectionHandler {
     private struct Lane {
         var inFlight: Set<Int64> = []
+        var inFlightBytes = 0
         /// The highest delivery id sent on this connection.
         var cursor: Int64 = 0
         var pausedUntil: ContinuousClock.Instant?
@@ -63,7 +68,7 @@ final class RouterLink: FrameConnectionHandler {
     private struct State {
         var peer: FramePeer?
         var lanes: [DeliveryTarget: Lane] = [:]
-        var owner: [Int64: DeliveryTarget] = [:]
+        var owner: [Int64: (target: DeliveryTarget, bytes: Int)] = [:]
         var pumping = false
         var pumpAgain = false
         var fullPump = false
@@ -75,13 +80,15 @@ final class RouterLink: FrameConnectionHandler {
     private let spool: Spool
     private let tenants: Tenants
     private let window: Int
+    private let windowBytes: Int
     private let logger: Logger
     private let metrics = IngestMetrics.shared
 
-    init(spool: Spool, tenants: Tenants, window: Int = 256, logger: Logger) {
+    init(spool: Spool, tenants: Tenants, window: Int = 64, windowBytes: Int = 4 << 20, logger: Logger) {
         self.spool = spool
         self.tenants = tenants
         self.window = window
+        self.windowBytes = windowBytes
         self.logger = logger
     }
 
@@ -128,8 +135,9 @@ final class RouterLink: FrameConnectionHandler {
             if frame.retryable == true {
                 // The router cannot take it now: this destination pauses, then resumes from here.
                 state.withLockedValue { s in
-                    guard let target = s.owner.removeValue(forKey: id), var lane = s.lanes[target] else { return }
+                    guard let (target, bytes) = s.owner.removeValue(forKey: id), var lane = s.lanes[target] else { return }
                     lane.inFlight.remove(id)
+                    lane.inFlightBytes -= bytes
                     lane.cursor = min(lane.cursor, id - 1)
                     lane.pausedUntil = .now + .milliseconds(200)
                     s.lanes[target] = lane
@@ -156,7 +164,10 @@ final class RouterLink: FrameConnectionHandler {
     private func finish(_ id: Int64, deadLetter: Spool.DeadLetter?) {
         spool.complete(delivery: id, deadLetter: deadLetter)
         state.withLockedValue { s in
-            if let target = s.owner.removeValue(forKey: id) { s.lanes[target]?.inFlight.remove(id) }
+            if let (target, bytes) = s.owner.removeValue(forKey: id) {
+                s.lanes[target]?.inFlight.remove(id)
+                s.lanes[target]?.inFlightBytes -= bytes
+            }
         }
         pump()
     }
@@ -165,6 +176,10 @@ final class RouterLink: FrameConnectionHandler {
     /// destination with room in its window. A destination is only looked up in the spool when the
     /// spool holds more for it than is in flight, unless `full` (the idle pump once a second, which
     /// also finds deliveries that `ingest dead-letters replay` put back from outside).
+    ///
+    /// Never blocks the caller: the work (spool reads) runs on a queue of its own, one pass at a
+    /// time, so the request handlers' threads (Swift's cooperative pool has one per core) are never
+    /// held by it.
     func pump(full: Bool = false) {
         let start = state.withLockedValue { s -> Bool in
             if full { s.fullPump = true }
@@ -176,6 +191,12 @@ final class RouterLink: FrameConnectionHandler {
             return true
         }
         guard start else { return }
+        pumpQueue.async { self.pumpPasses() }
+    }
+
+    private let pumpQueue = DispatchQueue(label: "sluice.ingest.pump")
+
+    private func pumpPasses() {
         while true {
             var sent = false
             // Destinations removed by a reload keep draining what the spool holds for them.
@@ -192,13 +213,24 @@ final class RouterLink: FrameConnectionHandler {
                     let lane = s.lanes[target] ?? Lane()
                     if !full && (backlog[target] ?? 0) <= lane.inFlight.count { return nil }  // all of it is in flight
                     if let until = lane.pausedUntil, until > .now { return nil }
-                    guard lane.inFlight.count < window else { return nil }
+                    guard lane.inFlight.count < window, lane.inFlightBytes < windowBytes else { return nil }
                     return (peer, lane.cursor, window - lane.inFlight.count)
                 }
                 guard let (peer, cursor, room) = plan else { continue }
                 do {
-                    let deliveries = try spool.pending(target, after: cursor, limit: room)
+                    var deliveries = try spool.pending(target, after: cursor, limit: room)
                     guard !deliveries.isEmpty else { continue }
+                    // Within the lane's byte window (at least one: a batch larger than it still goes).
+                    let used = state.withLockedValue { $0.lanes[target]?.inFlightBytes ?? 0 }
+                    var total = used
+                    var fits = 0
+                    for d in deliveries {
+                        if fits > 0 || used > 0, total + d.payload.readableBytes > windowBytes { break }
+                        total += d.payload.readableBytes
+                        fits += 1
+                    }
+                    if fits == 0 { continue }
+                    deliveries.removeLast(deliveries.count - fits)
                     let frames = deliveries.map { d -> Frame in
                         var frame = Frame(type: .batch, id: UInt64(bitPattern: d.id))
                         frame.tenant = d.target.tenant
@@ -216,7 +248,8 @@ final class RouterLink: FrameConnectionHandler {
                         lane.pausedUntil = nil
                         for d in deliveries {
                             lane.inFlight.insert(d.id)
-                            s.owner[d.id] = target
+                            lane.inFlightBytes += d.payload.readableBytes
+                            s.owner[d.id] = (target, d.payload.readableBytes)
                         }
                         s.lanes[target] = lane
                         return true

@@ -87,7 +87,7 @@ actor RouterCore {
     let maxBacklogBytes: Int
     private var backlogBytes = 0
 
-    init(config: SluiceConfig, logger: Logger, maxBacklog: Int = 100_000, maxBacklogBytes: Int = 64 << 20) {
+    init(config: SluiceConfig, logger: Logger, maxBacklog: Int = 50_000, maxBacklogBytes: Int = 64 << 20) {
         self.logger = logger
         self.maxBacklog = maxBacklog
         self.maxBacklogBytes = maxBacklogBytes

@@ -27,6 +27,16 @@ final class SpoolTests: XCTestCase {
         XCTAssertEqual(spool.synchronousMode, 2, "PRAGMA synchronous on the writer must be FULL")
     }
 
+    func testCheckpointsRunOutsideTheWriter() async throws {
+        let spool = try Spool(directory: dir, maxBytes: 1 << 20)
+        XCTAssertEqual(spool.autocheckpointPages, 0, "commits never checkpoint")
+        for i in 0..<20 { _ = try await spool.append(tenant: "t", destinations: ["a"], batches: [batch("{\"n\":\(i)}")]) }
+        let wal = try spool.checkpoint()
+        XCTAssertGreaterThan(wal.walFrameCount, 0)
+        XCTAssertEqual(wal.checkpointedFrameCount, wal.walFrameCount, "the checkpointer's connection copies the whole WAL")
+        XCTAssertEqual(spool.count, 20)
+    }
+
     func testStoredBatchesSurviveReopeningUntilEveryDestinationHasThem() async throws {
         var spool: Spool? = try Spool(directory: dir, maxBytes: 1 << 20)
         let ids = try await spool!.append(
@@ -147,6 +157,7 @@ final class SpoolTests: XCTestCase {
         for d in first { spool!.complete(delivery: d.id) }
         try await waitFor { spool!.count == 4 }
         let files = { try FileManager.default.contentsOfDirectory(atPath: self.dir).filter { $0.hasPrefix("payloads-") }.sorted() }
+        try await waitFor { (try? files().count) == spool!.segments.count }  // files go off the writer's path
         XCTAssertEqual(try files().count, spool!.segments.count)
         XCTAssertLessThan(spool!.segments.count, 4)
         XCTAssertEqual(spool!.usedBytes, try spool!.pending(target, after: 0, limit: 10).reduce(0) { $0 + $1.payload.readableBytes })
@@ -159,6 +170,7 @@ final class SpoolTests: XCTestCase {
         for d in rest { reopened.complete(delivery: d.id) }
         try await waitFor { reopened.count == 0 }
         XCTAssertEqual(reopened.usedBytes, 0)
+        try await waitFor { (try? files().count) == 1 }
         let left = try files()
         XCTAssertEqual(left.count, 1, "only the segment being written is left: \(left)")
     }

@@ -22,7 +22,7 @@ final class IsolationTests: XCTestCase {
                   main: {kind: kafka, bootstrap_servers: dev, plaintext: true, topic: iso-beta}
             """)
         try group.startAll(topics: ["iso-acme:2", "iso-beta:2"])
-        // More batches than a destination's window (256) plus its backlog cap (100). The load is
+        // More batches than a destination's window (64) plus its backlog cap (100). The load is
         // paced by the healthy destinations (the cap counts every waiting batch, so a destination
         // that merely lags far behind would reach it too).
         let count = 600
