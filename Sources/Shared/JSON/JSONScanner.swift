@@ -346,13 +346,11 @@ public struct JSONScanner {
         if peek() == UInt8(ascii: "-") { index += 1 }
         guard let first = peek(), isDigit(first) else { throw error("invalid number") }
         index += 1
-        if first != UInt8(ascii: "0") {
-            while let d = peek(), isDigit(d) { index += 1 }
-        }
+        if first != UInt8(ascii: "0") { skipDigits() }
         if peek() == UInt8(ascii: ".") {
             index += 1
             guard let d = peek(), isDigit(d) else { throw error("invalid number: digit expected after '.'") }
-            while let d = peek(), isDigit(d) { index += 1 }
+            skipDigits()
         }
         if let e = peek(), e == UInt8(ascii: "e") || e == UInt8(ascii: "E") {
             index += 1
@@ -361,6 +359,25 @@ public struct JSONScanner {
             while let d = peek(), isDigit(d) { index += 1 }
         }
         if let next = peek(), isDigit(next) { throw error("invalid number: leading zero") }
+    }
+
+    /// Skips ASCII digits, eight at a time while they last (ids and timestamps are long).
+    @inline(__always) mutating func skipDigits() {
+        let ones: UInt64 = 0x0101_0101_0101_0101
+        while index &+ 8 <= bytes.count {
+            let word = bytes.loadUnaligned(fromByteOffset: index, as: UInt64.self)
+            // High bit set in (at least) the lowest byte that is not '0'...'9': below it borrows,
+            // above it carries, non-ASCII has its own high bit; only bytes above a real one are
+            // marked by mistake.
+            let notDigit = ((word &- ones &* 0x30) | (word &+ ones &* 0x46) | word) & 0x8080_8080_8080_8080
+            if notDigit == 0 {
+                index &+= 8
+            } else {
+                index &+= notDigit.trailingZeroBitCount &>> 3
+                return
+            }
+        }
+        while index < bytes.count, bytes[index] &- UInt8(ascii: "0") < 10 { index &+= 1 }
     }
 
     /// Skips a string, validating escapes and UTF-8. Returns true if the string contained escapes.
