@@ -305,20 +305,8 @@ public struct JSONScanner {
     /// Skips a string of a validated document: finds its closing quote, eight bytes at a time.
     mutating func skipValidatedString() {
         index += 1
-        let ones: UInt64 = 0x0101_0101_0101_0101
         while index < bytes.count {
-            while index &+ 8 <= bytes.count {
-                let word = bytes.loadUnaligned(fromByteOffset: index, as: UInt64.self)
-                let quote = word ^ (ones &* 0x22)
-                let backslash = word ^ (ones &* 0x5C)
-                let mask = ((quote &- ones) & ~quote | (backslash &- ones) & ~backslash) & 0x8080_8080_8080_8080
-                if mask == 0 {
-                    index &+= 8
-                } else {
-                    index &+= mask.trailingZeroBitCount &>> 3
-                    break
-                }
-            }
+            skipWords(JSONScanner.quotesOrBackslashes)
             guard index < bytes.count else { return }
             switch bytes[index] {
             case UInt8(ascii: "\""):
@@ -363,21 +351,41 @@ public struct JSONScanner {
 
     /// Skips ASCII digits, eight at a time while they last (ids and timestamps are long).
     @inline(__always) mutating func skipDigits() {
-        let ones: UInt64 = 0x0101_0101_0101_0101
-        while index &+ 8 <= bytes.count {
-            let word = bytes.loadUnaligned(fromByteOffset: index, as: UInt64.self)
-            // High bit set in (at least) the lowest byte that is not '0'...'9': below it borrows,
-            // above it carries, non-ASCII has its own high bit; only bytes above a real one are
-            // marked by mistake.
-            let notDigit = ((word &- ones &* 0x30) | (word &+ ones &* 0x46) | word) & 0x8080_8080_8080_8080
-            if notDigit == 0 {
-                index &+= 8
-            } else {
-                index &+= notDigit.trailingZeroBitCount &>> 3
-                return
-            }
-        }
+        if skipWords(JSONScanner.nonDigits) { return }
         while index < bytes.count, bytes[index] &- UInt8(ascii: "0") < 10 { index &+= 1 }
+    }
+
+    /// Moves eight bytes at a time while `marks` flags none of a word's bytes, then to the first
+    /// flagged one (true); false when fewer than eight bytes are left unflagged. `marks` sets the
+    /// high bit of (at least) the lowest byte it flags; bytes above a real match may be flagged by
+    /// mistake (borrows and carries), which is why only the lowest counts.
+    @inline(__always) @discardableResult
+    mutating func skipWords(_ marks: (UInt64) -> UInt64) -> Bool {
+        while index &+ 8 <= bytes.count {
+            let flagged = marks(bytes.loadUnaligned(fromByteOffset: index, as: UInt64.self))
+            if flagged != 0 {
+                index &+= flagged.trailingZeroBitCount &>> 3
+                return true
+            }
+            index &+= 8
+        }
+        return false
+    }
+
+    static let ones: UInt64 = 0x0101_0101_0101_0101
+    static let highs: UInt64 = 0x8080_8080_8080_8080
+
+    /// Bytes that are not '0'...'9': below '0' borrows, above '9' carries into the high bit,
+    /// non-ASCII has its own.
+    @inline(__always) static func nonDigits(_ word: UInt64) -> UInt64 {
+        ((word &- ones &* 0x30) | (word &+ ones &* 0x46) | word) & highs
+    }
+
+    /// Quotes and backslashes (a validated string ends at the first unescaped quote).
+    @inline(__always) static func quotesOrBackslashes(_ word: UInt64) -> UInt64 {
+        let quote = word ^ (ones &* 0x22)
+        let backslash = word ^ (ones &* 0x5C)
+        return ((quote &- ones) & ~quote | (backslash &- ones) & ~backslash) & highs
     }
 
     /// Skips a string, validating escapes and UTF-8. Returns true if the string contained escapes.
@@ -386,17 +394,8 @@ public struct JSONScanner {
         index += 1  // opening quote
         var escaped = false
         while index < bytes.count {
-            // Eight bytes at a time while none of them needs a look: no quote, backslash, control
-            // character or non-ASCII byte. Then `index` is at the first one that does.
-            while index &+ 8 <= bytes.count {
-                let special = JSONScanner.specialBytes(bytes.loadUnaligned(fromByteOffset: index, as: UInt64.self))
-                if special == 0 {
-                    index &+= 8
-                } else {
-                    index &+= special.trailingZeroBitCount &>> 3
-                    break
-                }
-            }
+            // To the first byte that needs a look: a quote, backslash, control character or non-ASCII.
+            skipWords(JSONScanner.specialBytes)
             guard index < bytes.count else { break }
             let b = bytes[index]
             if b == UInt8(ascii: "\"") { index += 1; return escaped }
@@ -442,8 +441,6 @@ public struct JSONScanner {
     /// a quote, a backslash, below 0x20 or above 0x7F; zero when there is none. The borrow of the
     /// subtractions can only mark bytes above a real match, so the lowest marked byte is exact.
     @inline(__always) static func specialBytes(_ word: UInt64) -> UInt64 {
-        let ones: UInt64 = 0x0101_0101_0101_0101
-        let highs: UInt64 = 0x8080_8080_8080_8080
         let quote = word ^ (ones &* 0x22)
         let backslash = word ^ (ones &* 0x5C)
         let isQuote = (quote &- ones) & ~quote
