@@ -82,12 +82,15 @@ actor RouterCore {
     /// Re-reads the config file (used when ingest names a destination this router does not know yet:
     /// ingest may have reloaded a moment earlier).
     var refreshConfig: (@Sendable () async -> Void)?
-    /// Work held at most (items and payload bytes); beyond it ingest is told to retry later.
+    /// Work held at most (items and the bytes of the messages they carry); beyond it ingest is told
+    /// to retry later. 16 MB covers the outputs' round trips many times over at the rates measured
+    /// (docs/BENCHMARKS.md); per-event messages cost several times their bytes in memory (a Work
+    /// and a frame each), so more only grows the router's RSS.
     let maxBacklog: Int
     let maxBacklogBytes: Int
     private var backlogBytes = 0
 
-    init(config: SluiceConfig, logger: Logger, maxBacklog: Int = 50_000, maxBacklogBytes: Int = 64 << 20) {
+    init(config: SluiceConfig, logger: Logger, maxBacklog: Int = 50_000, maxBacklogBytes: Int = 16 << 20) {
         self.logger = logger
         self.maxBacklog = maxBacklog
         self.maxBacklogBytes = maxBacklogBytes
