@@ -344,20 +344,18 @@ final class Spool: Sendable {
                                     let reason = "backlog cap: \(cap) batches were already waiting for this destination"
                                     bytes -= try Spool.finish(
                                         db, delivery: delivery, deadLetter: DeadLetter(reason: reason, attempts: 0), now: now, log: log,
-                                        freed: &freed)
+                                        freed: &freed)?.bytes ?? 0
                                     backlog[target, default: 0] -= 1
                                 }
                             }
                         case .complete(let delivery, let deadLetter):
                             guard
-                                let row = try Row.fetchOne(
-                                    db.cachedStatement(sql: "SELECT tenant, destination FROM deliveries WHERE id = ?"),
-                                    arguments: [delivery])
+                                let done = try Spool.finish(
+                                    db, delivery: delivery, deadLetter: deadLetter, now: now, log: log, freed: &freed)
                             else { continue }  // already finished (a repeated ack)
-                            bytes -= try Spool.finish(db, delivery: delivery, deadLetter: deadLetter, now: now, log: log, freed: &freed)
-                            let target = DeliveryTarget(tenant: row["tenant"], destination: row["destination"])
+                            bytes -= done.bytes
                             // Replays made by `ingest dead-letters` are not counted in: never below 0.
-                            backlog[target] = max(0, (backlog[target] ?? 0) - 1)
+                            backlog[done.target] = max(0, (backlog[done.target] ?? 0) - 1)
                         }
                     }
                     return (ids, bytes, backlog, freed)
@@ -398,11 +396,12 @@ final class Spool: Sendable {
     }
 
     /// Removes a delivery (keeping a dead letter if given) and its batch once no delivery needs it.
-    /// Returns the bytes freed; a batch whose bytes were in the payload log adds its location to
-    /// `freed` (released once the transaction has committed).
+    /// Returns the bytes freed and the delivery's destination, nil when it was already finished; a
+    /// batch whose bytes were in the payload log adds its location to `freed` (released once the
+    /// transaction has committed).
     private static func finish(
         _ db: Database, delivery: Int64, deadLetter: DeadLetter?, now: Int64, log: PayloadLog, freed: inout [PayloadLocation]
-    ) throws -> Int {
+    ) throws -> (bytes: Int, target: DeliveryTarget)? {
         guard
             let row = try Row.fetchOne(
                 db.cachedStatement(
@@ -412,8 +411,9 @@ final class Spool: Sendable {
                         """),
                 arguments: [delivery])
         else {
-            return 0
+            return nil
         }
+        let target = DeliveryTarget(tenant: row["tenant"], destination: row["destination"])
         let batchID: Int64 = row["id"]
         let location = (row["segment"] as Int64?).map {
             PayloadLocation(segment: $0, offset: row["segment_offset"], length: row["length"])
@@ -436,9 +436,9 @@ final class Spool: Sendable {
         try db.cachedStatement(sql: "DELETE FROM deliveries WHERE id = ?").execute(arguments: [delivery])
         let remaining =
             try Int.fetchOne(db.cachedStatement(sql: "SELECT COUNT(*) FROM deliveries WHERE batch_id = ?"), arguments: [batchID]) ?? 0
-        guard remaining == 0 else { return 0 }
+        guard remaining == 0 else { return (0, target) }
         try db.cachedStatement(sql: "DELETE FROM batches WHERE id = ?").execute(arguments: [batchID])
         if let location { freed.append(location) }
-        return (row["inline"] as Int? ?? 0) + (location?.length ?? 0)
+        return ((row["inline"] as Int? ?? 0) + (location?.length ?? 0), target)
     }
 }

@@ -66,54 +66,22 @@ public struct JSONScanner {
 
     /// Reads a top-level object and calls `member` with each key and the byte range of its value.
     /// Every value is validated, none is built.
-    public mutating func forEachMember(
-        _ member: (_ key: String, _ value: Range<Int>) throws -> Void
-    ) throws {
+    public mutating func forEachMember(_ member: (_ key: String, _ value: Range<Int>) throws -> Void) throws {
         skipWhitespace()
-        guard peek() == UInt8(ascii: "{") else { throw error("expected a JSON object") }
-        index += 1
-        skipWhitespace()
-        if peek() == UInt8(ascii: "}") { index += 1; return }
-        while true {
-            skipWhitespace()
-            guard peek() == UInt8(ascii: "\"") else { throw error("expected a string key") }
-            let key = try readString()
-            skipWhitespace()
-            guard peek() == UInt8(ascii: ":") else { throw error("expected ':' after key") }
-            index += 1
-            skipWhitespace()
-            let start = index
-            try skipValue(depth: 1)
-            try member(key, start..<index)
-            skipWhitespace()
-            switch peek() {
-            case UInt8(ascii: ","): index += 1
-            case UInt8(ascii: "}"): index += 1; return
-            case nil: throw error("unexpected end of input in object")
-            default: throw error("expected ',' or '}' in object")
-            }
+        try readObject(depth: 0) { s, key in
+            let start = s.index
+            try s.skipValue(depth: 1)
+            try member(key.string, start..<s.index)
         }
     }
 
     /// Reads a top-level array and calls `element` with the byte range of each element.
     public mutating func forEachElement(_ element: (_ value: Range<Int>) throws -> Void) throws {
         skipWhitespace()
-        guard peek() == UInt8(ascii: "[") else { throw error("expected a JSON array") }
-        index += 1
-        skipWhitespace()
-        if peek() == UInt8(ascii: "]") { index += 1; return }
-        while true {
-            skipWhitespace()
-            let start = index
-            try skipValue(depth: 1)
-            try element(start..<index)
-            skipWhitespace()
-            switch peek() {
-            case UInt8(ascii: ","): index += 1
-            case UInt8(ascii: "]"): index += 1; return
-            case nil: throw error("unexpected end of input in array")
-            default: throw error("expected ',' or ']' in array")
-            }
+        try readArray(depth: 0) { s, _ in
+            let start = s.index
+            try s.skipValue(depth: 1)
+            try element(start..<s.index)
         }
     }
 
