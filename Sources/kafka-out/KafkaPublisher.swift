@@ -39,19 +39,21 @@ final class KafkaPublisher: FrameConnectionHandler, Service {
 
     func received(_ frame: Frame, from peer: FramePeer) async throws {
         guard let batch = try host.handle(frame, from: peer) else { return }
-        guard let key = batch.destination, let payload = batch.payload else {
+        guard let key = batch.destination, batch.payload != nil else {
             throw FrameError.invalidFrame("batch frame without destination or payload")
         }
         guard let destination = host.destination(key) else {
             peer.send(.nack(batch.id, reason: "unknown destination \(key)", retryable: true))
             return
         }
+        let producer: KafkaProducer
         do throws(KafkaError) {
-            let producer = try host.producer(for: try producerConfiguration(for: destination), key: key)
-            try await Delivery.produce(batch, payload: payload, topic: destination.topic, producer: producer, pool: host.pool, peer: peer)
+            producer = try host.producer(for: try producerConfiguration(for: destination), key: key)
         } catch {
             peer.send(.nack(batch.id, reason: error.description, retryable: error.isRetriable))
+            return
         }
+        try await Delivery.produce(try Delivery.split(batch, from: peer), topic: destination.topic, producer: producer, pool: host.pool)
     }
 
     func disconnected(_ peer: FramePeer) async { host.disconnected(peer) }

@@ -10,8 +10,7 @@ import Shared
 /// per-event result: `ack`, or `nack` (retryable unless Keen says the event itself is invalid).
 final class HTTPLane: @unchecked Sendable {
     struct Item {
-        var peer: FramePeer
-        var routerID: UInt64
+        var delivery: Delivery
         var collection: String
         var event: ByteBuffer
     }
@@ -62,7 +61,7 @@ final class HTTPLane: @unchecked Sendable {
 
     /// The router connection is gone: it sends these again on the next one.
     func forget(_ peer: FramePeer) {
-        condition.withLock { queue.removeAll { $0.peer == peer } }
+        condition.withLock { queue.removeAll { $0.delivery.peer == peer } }
     }
 
     /// Sends what is queued (for up to `drainFor`), then ends the thread.
@@ -158,11 +157,9 @@ final class HTTPLane: @unchecked Sendable {
         var byPeer: [FramePeer: [Frame]] = [:]
         var failed = 0
         for (i, item) in items.enumerated() {
-            if let o = outcomes[i] {
-                byPeer[item.peer, default: []].append(.nack(item.routerID, reason: o.reason, retryable: o.retryable))
-                failed += 1
-            } else {
-                byPeer[item.peer, default: []].append(.ack(item.routerID))
+            if outcomes[i] != nil { failed += 1 }
+            if let answer = item.delivery.answer(failure: outcomes[i].map { ($0.reason, $0.retryable) }) {
+                byPeer[item.delivery.peer, default: []].append(answer)
             }
         }
         if failed > 0 {

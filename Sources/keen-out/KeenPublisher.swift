@@ -42,21 +42,27 @@ final class KeenPublisher: FrameConnectionHandler, Service {
 
     func received(_ frame: Frame, from peer: FramePeer) async throws {
         guard let batch = try host.handle(frame, from: peer) else { return }
-        guard let key = batch.destination, let payload = batch.payload, let collection = batch.topic else {
-            throw FrameError.invalidFrame("Keen batch frame without destination, collection (topic) or payload")
+        guard let key = batch.destination, batch.payload != nil else {
+            throw FrameError.invalidFrame("Keen batch frame without destination or payload")
         }
         guard let destination = host.destination(key) else {
             peer.send(.nack(batch.id, reason: "unknown destination \(key)", retryable: true))
             return
         }
+        let messages = try Delivery.split(batch, from: peer)
+        guard messages.allSatisfy({ $0.topic != nil }) else {
+            throw FrameError.invalidFrame("Keen batch frame without a collection (topic) for each event")
+        }
         switch destination.transport {
         case .kafka:
+            let producer: KafkaProducer
             do throws(KafkaError) {
-                let producer = try host.producer(for: ProducerConfiguration(keen: destination), key: key)
-                try await Delivery.produce(batch, payload: payload, topic: collection, producer: producer, pool: host.pool, peer: peer)
+                producer = try host.producer(for: ProducerConfiguration(keen: destination), key: key)
             } catch {
                 peer.send(.nack(batch.id, reason: error.description, retryable: error.isRetriable))
+                return
             }
+            try await Delivery.produce(messages, topic: nil, producer: producer, pool: host.pool)
         case .http:
             let lane = lanes.withLockedValue { lanes in
                 if let lane = lanes[key] { return lane }
@@ -64,7 +70,9 @@ final class KeenPublisher: FrameConnectionHandler, Service {
                 lanes[key] = lane
                 return lane
             }
-            await lane.add(HTTPLane.Item(peer: peer, routerID: batch.id, collection: collection, event: payload))
+            for m in messages {
+                await lane.add(HTTPLane.Item(delivery: m.delivery, collection: m.topic!, event: m.payload))
+            }
         }
     }
 

@@ -7,10 +7,12 @@ import Shared
 /// and work waiting for an output.
 ///
 /// A batch from ingest (one delivery: the batch for one destination) becomes one work item per
-/// message. Each item goes to an instance of the output kind that serves it, is retried with
-/// backoff on a retryable nack or when its instance goes away, and is finished on an ack or a
-/// permanent failure. When every item of a delivery is finished, ingest gets its `ack` (with the
-/// dead letters, if any) and forgets it from its spool.
+/// destination holding its messages (one per batch, or one per event; several items when the
+/// messages exceed 1 MB), sent as one frame. Each item goes to an instance of the output kind that
+/// serves it, is retried with backoff on a retryable nack (only its failed messages) or when its
+/// instance goes away, and is finished when all its messages are delivered or failed for good.
+/// When every item of a delivery is finished, ingest gets its `ack` (with the dead letters, if
+/// any) and forgets it from its spool.
 ///
 /// Order per user: items with a key (the MPID) stick to the instance that has that key's earlier
 /// items in flight; only when none is in flight does the key go where rendezvous hashing over
@@ -24,6 +26,14 @@ actor RouterCore {
         var dead: [JSONValue] = []
     }
 
+    struct Message {
+        var payload: ByteBuffer
+        /// The Keen collection (keen-out's topic); nil when the destination's own.
+        var topic: String?
+        /// Per-event messages: the event's id (the `sluice-event-id` header).
+        var eventID: String?
+    }
+
     struct Work {
         var batchID: UInt64
         var route: RouteID
@@ -31,10 +41,10 @@ actor RouterCore {
         var role: PeerRole
         var spec: ByteBuffer
         var key: String?
-        /// Per message: the Keen collection (keen-out's topic); nil when the destination's own.
-        var topic: String?
+        /// The batch's headers (every message gets them).
         var headers: [Header]?
-        var payload: ByteBuffer
+        var messages: [Message]
+        var bytes: Int
         var attempts = 0
         var peer: FramePeer?
         var sentAt = ContinuousClock.now
@@ -89,6 +99,10 @@ actor RouterCore {
     let maxBacklog: Int
     let maxBacklogBytes: Int
     private var backlogBytes = 0
+    private var backlogMessages = 0
+    /// A work item's messages at most (bytes, count): one frame to an output each.
+    static let maxWorkBytes = 1 << 20
+    static let maxWorkMessages = 500
 
     init(config: SluiceConfig, logger: Logger, maxBacklog: Int = 50_000, maxBacklogBytes: Int = 16 << 20) {
         self.logger = logger
@@ -278,7 +292,7 @@ actor RouterCore {
             return
         }
         let bytes = payload.readableBytes * targets.count
-        guard work.count + targets.count <= maxBacklog, backlogBytes + bytes <= maxBacklogBytes else {
+        guard backlogMessages + targets.count <= maxBacklog, backlogBytes + bytes <= maxBacklogBytes else {
             if refusedFirst[blockKey].map({ frame.id < $0.id || ContinuousClock.now - $0.at >= .seconds(5) }) ?? true {
                 refusedFirst[blockKey] = (frame.id, ContinuousClock.now)
             }
@@ -351,15 +365,25 @@ actor RouterCore {
                 messages = output.messages
                 eventIDs = output.eventIDs
             }
-            for (i, message) in messages.enumerated() {
-                var headers = frame.headers ?? []
-                if i < eventIDs.count { headers.append(Header("sluice-event-id", eventIDs[i])) }
+            // One work item (one frame) per destination, cut where the messages exceed 1 MB.
+            var group: [Message] = []
+            var groupBytes = 0
+            func close() {
+                guard !group.isEmpty else { return }
                 items.append(
                     Work(
                         batchID: frame.id, route: id, destinationKey: route.key, role: route.destination.role,
-                        spec: route.spec, key: frame.key, topic: i < topics.count ? topics[i] : nil,
-                        headers: headers.isEmpty ? nil : headers, payload: message))
+                        spec: route.spec, key: frame.key, headers: frame.headers, messages: group, bytes: groupBytes))
+                group = []
+                groupBytes = 0
             }
+            for (i, message) in messages.enumerated() {
+                if groupBytes + message.readableBytes > Self.maxWorkBytes || group.count == Self.maxWorkMessages { close() }
+                group.append(
+                    Message(payload: message, topic: i < topics.count ? topics[i] : nil, eventID: i < eventIDs.count ? eventIDs[i] : nil))
+                groupBytes += message.readableBytes
+            }
+            close()
         }
         guard !items.isEmpty else {
             // Nothing to send anywhere (or all of it refused).
@@ -373,10 +397,11 @@ actor RouterCore {
             let id = nextID
             nextID += 1
             work[id] = item
-            backlogBytes += item.payload.readableBytes
-            stats[item.route, default: RouteStats()].backlog += 1
+            backlogBytes += item.bytes
+            backlogMessages += item.messages.count
+            stats[item.route, default: RouteStats()].backlog += item.messages.count
             keyUse[item.destinationKey, default: 0] += 1
-            metrics.backlog(item.role).increment()
+            metrics.backlog(item.role).increment(by: Double(item.messages.count))
             if let key = item.key { affinity[Affinity(role: item.role, key: key), default: (nil, 0)].count += 1 }
             dispatch(id)
         }
@@ -412,13 +437,20 @@ actor RouterCore {
         item.attempts += 1
         item.sentAt = .now
         work[id] = item
-        var frame = Frame(type: .batch, id: id)
+        var frame: Frame
+        if item.messages.count == 1, let m = item.messages.first {
+            frame = Frame(type: .batch, id: id)
+            frame.topic = m.topic
+            frame.payload = m.payload
+            frame.headers = item.headers
+            if let eventID = m.eventID { frame.headers = (item.headers ?? []) + [Header("sluice-event-id", eventID)] }
+        } else {
+            frame = Frame.batch(id: id, messages: item.messages.map { ($0.payload, $0.topic, $0.eventID) })
+            frame.headers = item.headers
+        }
         frame.tenant = item.route.tenant
         frame.destination = item.destinationKey
         frame.key = item.key
-        frame.topic = item.topic
-        frame.headers = item.headers
-        frame.payload = item.payload
         peer.send(frame)
     }
 
@@ -446,43 +478,84 @@ actor RouterCore {
     func outcome(_ frame: Frame, from peer: FramePeer) {
         guard let item = work[frame.id], item.peer == peer else { return }  // stale: already re-dispatched
         metrics.deliveryDuration(item.role).record(ContinuousClock.now - item.sentAt)
+        let count = item.messages.count
         if frame.type == .ack {
-            metrics.messages(item.role, "delivered").increment()
-            stats[item.route, default: RouteStats()].delivered(at: Date())
+            metrics.messages(item.role, "delivered").increment(by: Int64(count))
+            stats[item.route, default: RouteStats()].delivered(count, at: Date())
             finish(frame.id, deadLetter: nil)
             return
         }
-        let reason = frame.reason ?? "no reason given"
-        stats[item.route, default: RouteStats()].failed(reason, at: Date())
-        if frame.retryable == true {
-            metrics.messages(item.role, "retried").increment()
-            stats[item.route]?.retried += 1
-            work[frame.id]?.peer = nil
-            let delay = Self.backoff(attempt: item.attempts)
-            logger.warning(
-                "delivery failed, will retry",
-                metadata: [
-                    "tenant.id": "\(item.route.tenant)", "destination": "\(item.route.destination)", "error": "\(reason)",
-                    "attempt": "\(item.attempts)", "retry.in_ms": "\(delay.components.seconds * 1000 + delay.components.attoseconds / 1_000_000_000_000_000)",
-                ])
-            Task { [weak self] in
-                try? await Task.sleep(for: delay)
-                await self?.retry(frame.id)
-            }
-        } else {
+        // Which messages failed: those the nack lists (a frame of several), else all of them.
+        let whole = { (i: Int) in FailedPart(index: i, reason: frame.reason ?? "no reason given", retryable: frame.retryable == true) }
+        var failed = (count > 1 ? frame.failedParts : nil) ?? item.messages.indices.map(whole)
+        var seen = Set<Int>()
+        failed = failed.filter { item.messages.indices.contains($0.index) && seen.insert($0.index).inserted }
+        if failed.isEmpty { failed = item.messages.indices.map(whole) }
+        let delivered = count - failed.count
+        if delivered > 0 {
+            metrics.messages(item.role, "delivered").increment(by: Int64(delivered))
+            stats[item.route, default: RouteStats()].delivered(delivered, at: Date())
+        }
+        let retryable = failed.filter(\.retryable)
+        let permanent = failed.filter { !$0.retryable }
+        stats[item.route, default: RouteStats()].failed(failed[0].reason, at: Date())
+        var deadLetter: JSONValue?
+        if !permanent.isEmpty {
             // Permanent failure: ingest keeps the batch as a dead letter for this destination.
-            metrics.messages(item.role, "dead_lettered").increment()
-            stats[item.route]?.deadLettered += 1
+            let reasons = Self.distinct(permanent.map(\.reason))
+            let reason = count > 1 ? "\(permanent.count) of \(count) messages: \(reasons)" : reasons
+            metrics.messages(item.role, "dead_lettered").increment(by: Int64(permanent.count))
+            stats[item.route]?.deadLettered += permanent.count
             logger.error(
                 "delivery failed permanently; dead-lettered",
                 metadata: ["tenant.id": "\(item.route.tenant)", "destination": "\(item.route.destination)", "error": "\(reason)"])
-            finish(
-                frame.id,
-                deadLetter: .object([
-                    .init("destination", .string(item.route.destination)), .init("reason", .string(reason)),
-                    .init("attempts", .number(String(item.attempts))),
-                ]))
+            deadLetter = .object([
+                .init("destination", .string(item.route.destination)), .init("reason", .string(reason)),
+                .init("attempts", .number(String(item.attempts))),
+            ])
         }
+        guard !retryable.isEmpty else {
+            finish(frame.id, deadLetter: deadLetter)
+            return
+        }
+        if let deadLetter { progress[item.batchID]?.dead.append(deadLetter) }
+        // Only the messages that failed go again.
+        if retryable.count < count { keep(retryable.map(\.index), of: frame.id) }
+        metrics.messages(item.role, "retried").increment(by: Int64(retryable.count))
+        stats[item.route]?.retried += retryable.count
+        work[frame.id]?.peer = nil
+        let delay = Self.backoff(attempt: item.attempts)
+        logger.warning(
+            "delivery failed, will retry",
+            metadata: [
+                "tenant.id": "\(item.route.tenant)", "destination": "\(item.route.destination)",
+                "error": "\(Self.distinct(retryable.map(\.reason)))", "messages": "\(retryable.count)",
+                "attempt": "\(item.attempts)", "retry.in_ms": "\(delay.components.seconds * 1000 + delay.components.attoseconds / 1_000_000_000_000_000)",
+            ])
+        Task { [weak self] in
+            try? await Task.sleep(for: delay)
+            await self?.retry(frame.id)
+        }
+    }
+
+    private static func distinct(_ reasons: [String]) -> String {
+        var seen = Set<String>()
+        return reasons.filter { seen.insert($0).inserted }.joined(separator: "; ")
+    }
+
+    /// Keeps only the messages at `indices` of a work item (the others are settled).
+    private func keep(_ indices: [Int], of id: UInt64) {
+        guard var item = work[id] else { return }
+        let kept = indices.sorted().map { item.messages[$0] }
+        let bytes = kept.reduce(0) { $0 + $1.payload.readableBytes }
+        let settled = item.messages.count - kept.count
+        backlogBytes -= item.bytes - bytes
+        backlogMessages -= settled
+        stats[item.route]?.backlog -= settled
+        metrics.backlog(item.role).decrement(by: Double(settled))
+        item.messages = kept
+        item.bytes = bytes
+        work[id] = item
     }
 
     /// An output's client-level error for a destination: shown by `status` as its last error.
@@ -496,9 +569,10 @@ actor RouterCore {
 
     private func finish(_ id: UInt64, deadLetter: JSONValue?) {
         guard let item = work.removeValue(forKey: id) else { return }
-        backlogBytes -= item.payload.readableBytes
-        stats[item.route]?.backlog -= 1
-        metrics.backlog(item.role).decrement()
+        backlogBytes -= item.bytes
+        backlogMessages -= item.messages.count
+        stats[item.route]?.backlog -= item.messages.count
+        metrics.backlog(item.role).decrement(by: Double(item.messages.count))
         if let n = keyUse[item.destinationKey], n > 1 {
             keyUse[item.destinationKey] = n - 1
         } else {
@@ -536,8 +610,8 @@ actor RouterCore {
 
     private static func pow2(_ n: Int) -> Double { n <= 0 ? 1 : Double(1 << min(n, 20)) }
 
-    /// For tests and status.
-    var backlog: Int { work.count }
+    /// Messages routed and not yet settled (for tests and status).
+    var backlog: Int { backlogMessages }
 
     // MARK: Status
 
@@ -548,7 +622,7 @@ actor RouterCore {
         var instances: [JSONValue] = []
         for role in outputs.keys.sorted(by: { $0.rawValue < $1.rawValue }) {
             for p in outputs[role]! {
-                let inFlight = work.values.reduce(0) { $0 + ($1.peer == p ? 1 : 0) }
+                let inFlight = work.values.reduce(0) { $0 + ($1.peer == p ? $1.messages.count : 0) }
                 instances.append(
                     .object([
                         .init("role", .string(role.rawValue)), .init("instance", .string(p.instance ?? "")),
@@ -610,9 +684,9 @@ struct RouteStats {
     var lastErrorAt: Date?
     var rate = RateMeter()
 
-    mutating func delivered(at now: Date) {
-        delivered += 1
-        rate.add(1, at: now)
+    mutating func delivered(_ n: Int, at now: Date) {
+        delivered += n
+        rate.add(n, at: now)
     }
 
     mutating func failed(_ reason: String, at now: Date) {

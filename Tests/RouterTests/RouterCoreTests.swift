@@ -16,7 +16,26 @@ final class RouterCoreTests: XCTestCase {
                   a: {kind: kafka, bootstrap_servers: dev, topic: ta, plaintext: true}
                   b: {kind: kafka, bootstrap_servers: dev, topic: tb, plaintext: true}
               empty: {api_key: k2, api_secret: s2}
+              solo:
+                api_key: k3
+                api_secret: s3
+                destinations:
+                  p: {kind: kafka, bootstrap_servers: dev, topic: tp, plaintext: true, settings: {send_as_batch: false}}
             """)
+
+    /// A batch of `count` custom events for tenant `solo` (one message per event), each event
+    /// carrying `filler` bytes.
+    func eventBatch(_ id: UInt64, count: Int, filler: Int = 0) -> Frame {
+        var f = Frame(type: .batch, id: id)
+        f.tenant = "solo"
+        f.key = "u1"
+        f.headers = [Header("sluice-batch-id", "b\(id)")]
+        let events = (0..<count).map {
+            #"{"event_type":"custom_event","data":{"source_message_id":"m\#($0)","x":"\#(String(repeating: "x", count: filler))"}}"#
+        }
+        f.payload = ByteBuffer(string: #"{"mpid":1,"events":[\#(events.joined(separator: ","))]}"#)
+        return f
+    }
 
     func peer(_ role: PeerRole, _ name: String) -> FramePeer {
         let p = FramePeer()
@@ -138,6 +157,86 @@ final class RouterCoreTests: XCTestCase {
         XCTAssertEqual(dead?.count, 1)
         XCTAssertEqual(dead?.first?["reason"], .string("MSG_SIZE_TOO_LARGE"))
         XCTAssertNotNil(dead?.first?["destination"]?.stringValue)
+    }
+
+    /// Per event: a batch's messages for a destination go in one frame (one answer per batch).
+    func testPerEventMessagesOfABatchTravelInOneFrame() async throws {
+        let core = RouterCore(config: config, logger: Logger(label: "t"))
+        let out = peer(.kafkaOut, "1")
+        await core.register(out)
+        let ingest = peer(.ingest, "in")
+        await core.accept(eventBatch(1, count: 3), from: ingest)
+        let sent = batches(out.takeQueued())
+        XCTAssertEqual(sent.count, 1)
+        let messages = try sent[0].messages()
+        XCTAssertEqual(messages.count, 3)
+        XCTAssertEqual(messages.map { $0.part?.eventID }, ["m0", "m1", "m2"])
+        XCTAssertEqual(sent[0].headers, [Header("sluice-batch-id", "b1")])
+        XCTAssertEqual(sent[0].key, "u1")
+        for m in messages { XCTAssertEqual(try JSONValue.parse(m.payload)["events"]?.arrayValue?.count, 1) }
+        let backlog = await core.backlog
+        XCTAssertEqual(backlog, 3, "the backlog counts messages")
+        await core.outcome(.ack(sent[0].id), from: out)
+        XCTAssertEqual(ingest.takeQueued(), [.ack(1)])
+        let status = await core.status(config: nil)
+        let row = status["destinations"]?.arrayValue?.first { $0["tenant"] == .string("solo") }
+        XCTAssertEqual(row?["delivered"], .number("3"))
+    }
+
+    /// Some messages of a frame failed: the delivered ones are done, the permanent failures become
+    /// the batch's dead letter, and only the retryable ones are sent again.
+    func testAPartialNackRetriesOnlyTheRetryableMessages() async throws {
+        let core = RouterCore(config: config, logger: Logger(label: "t"))
+        let out = peer(.kafkaOut, "1")
+        await core.register(out)
+        let ingest = peer(.ingest, "in")
+        await core.accept(eventBatch(1, count: 4), from: ingest)
+        let sent = batches(out.takeQueued())
+        XCTAssertEqual(sent.count, 1)
+        await core.outcome(
+            .nack(
+                sent[0].id,
+                failed: [
+                    FailedPart(index: 0, reason: "MSG_SIZE_TOO_LARGE", retryable: false),
+                    FailedPart(index: 2, reason: "_MSG_TIMED_OUT", retryable: true),
+                ]), from: out)
+        let settled = await core.backlog
+        XCTAssertEqual(settled, 1, "two delivered and one dead-lettered are settled")
+        var again: [Frame] = []
+        for _ in 0..<100 where again.isEmpty {
+            try await Task.sleep(for: .milliseconds(20))
+            again = batches(out.takeQueued())
+        }
+        XCTAssertEqual(again.count, 1)
+        XCTAssertNil(again.first?.parts, "a single message goes as a plain batch frame")
+        XCTAssertEqual(again.first?.headers, [Header("sluice-batch-id", "b1"), Header("sluice-event-id", "m2")])
+        XCTAssertEqual(ingest.takeQueued(), [])
+        await core.outcome(.ack(again[0].id), from: out)
+        let answer = ingest.takeQueued()
+        XCTAssertEqual(answer.map(\.id), [1])
+        let dead = try JSONValue.parse(XCTUnwrap(answer.first?.payload))["dead"]?.arrayValue
+        XCTAssertEqual(dead?.count, 1)
+        XCTAssertEqual(dead?.first?["reason"], .string("1 of 4 messages: MSG_SIZE_TOO_LARGE"))
+        let status = await core.status(config: nil)
+        let row = status["destinations"]?.arrayValue?.first { $0["tenant"] == .string("solo") }
+        XCTAssertEqual(row?["delivered"], .number("3"))
+        XCTAssertEqual(row?["dead_lettered"], .number("1"))
+        XCTAssertEqual(row?["retried"], .number("1"))
+    }
+
+    /// A frame carries at most about 1 MB of messages: a larger batch's go in several.
+    func testMessagesBeyondAMegabyteGoInAnotherFrame() async throws {
+        let core = RouterCore(config: config, logger: Logger(label: "t"))
+        let out = peer(.kafkaOut, "1")
+        await core.register(out)
+        let ingest = peer(.ingest, "in")
+        await core.accept(eventBatch(1, count: 3, filler: 400_000), from: ingest)
+        let sent = batches(out.takeQueued())
+        XCTAssertEqual(try sent.map { try $0.messages().count }, [2, 1])
+        XCTAssertEqual(try sent[0].messages().map { $0.part?.eventID }, ["m0", "m1"])
+        XCTAssertEqual(sent[1].headers?.last, Header("sluice-event-id", "m2"))
+        for f in sent { await core.outcome(.ack(f.id), from: out) }
+        XCTAssertEqual(ingest.takeQueued(), [.ack(1)])
     }
 
     func testUnknownTenantAndFullBacklogAreNacked() async {

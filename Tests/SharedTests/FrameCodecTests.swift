@@ -55,6 +55,63 @@ final class FrameCodecTests: XCTestCase {
         XCTAssertThrowsError(try Frame.decode(body: ByteBuffer(string: "{\"type\":\"batch\",\"payload\":{\"a\":1}")))
     }
 
+    /// A batch's per-event messages travel in one frame: the payload is their array, the parts
+    /// give each one's length, topic and event id; the receiver cuts them out by length.
+    func testSeveralMessagesInOneFrameAreCutByTheirParts() throws {
+        let messages = [#"{"a":"],[","b":1}"#, "[1,2]", #"{"c":"\u00e9"}"#]
+        var frame = Frame.batch(
+            id: 9,
+            messages: messages.enumerated().map { (ByteBuffer(string: $1), $0 == 1 ? "purchases" : nil, $0 == 2 ? nil : "e\($0)") })
+        frame.destination = "acme/a#1"
+        frame.headers = [Header("sluice-batch-id", "b-1")]
+        var wire = encoded([frame])
+        let decoded = try XCTUnwrap(try FrameDecoder().next(&wire))
+        XCTAssertEqual(decoded, frame)
+        let cut = try decoded.messages()
+        XCTAssertEqual(cut.map { String(buffer: $0.payload) }, messages)
+        XCTAssertEqual(cut.map { $0.part?.topic }, [nil, "purchases", nil])
+        XCTAssertEqual(cut.map { $0.part?.eventID }, ["e0", "e1", nil])
+        // A frame without parts is one message: its payload.
+        XCTAssertEqual(try sampleFrames()[1].messages().map { String(buffer: $0.payload) }, [String(buffer: sampleFrames()[1].payload!)])
+    }
+
+    func testPartsThatDoNotMatchThePayloadAreRefused() throws {
+        func body(_ parts: String, _ payload: String) -> ByteBuffer {
+            ByteBuffer(string: #"{"type":"batch","id":1,"parts":\#(parts),"payload":\#(payload)}"#)
+        }
+        let refused: [(String, String)] = [
+            ("[[3,null,null]]", "[{},{}]"),  // the payload has more than its parts
+            ("[[2,null,null],[3,null,null]]", "[{},{}]"),  // a length that ends inside an element
+            ("[[9,null,null]]", "[{}]"),  // a length beyond the payload
+            ("[[0,null,null]]", "[{}]"),
+            ("[]", "[{}]"),
+            ("[[2,null,null]]", "{\"a\":{}}"),  // not an array
+        ]
+        for (parts, payload) in refused {
+            let frame = try Frame.decode(body: body(parts, payload))
+            XCTAssertThrowsError(try frame.messages(), "\(parts) \(payload)")
+        }
+        for parts in ["{}", "[[2]]", "[[\"2\",null,null]]", "[[2,1,null]]"] {
+            XCTAssertThrowsError(try Frame.decode(body: body(parts, "[{}]")), parts) { error in
+                XCTAssertEqual((error as? FrameError)?.code, "FRAME_INVALID")
+            }
+        }
+        XCTAssertEqual(try Frame.decode(body: body("[[2,null,null],[2,\"t\",\"e\"]]", "[{},[]]")).messages().count, 2)
+    }
+
+    /// Some messages of a frame failed: one nack lists them (the others were delivered).
+    func testANackListsTheMessagesThatFailed() throws {
+        let failed = [FailedPart(index: 0, reason: "MSG_SIZE_TOO_LARGE", retryable: false), FailedPart(index: 3, reason: "t\"o", retryable: true)]
+        var wire = encoded([.nack(5, failed: failed), .nack(6, reason: "all", retryable: true), .ack(7)])
+        let decoder = FrameDecoder()
+        let frames = [try decoder.next(&wire), try decoder.next(&wire), try decoder.next(&wire)].compactMap { $0 }
+        XCTAssertEqual(frames[0].failedParts, failed)
+        XCTAssertEqual(frames[0].retryable, false, "retryable only when every failure is")
+        XCTAssertEqual(frames[0].reason, "MSG_SIZE_TOO_LARGE")
+        XCTAssertNil(frames[1].failedParts, "a nack for the whole frame")
+        XCTAssertNil(frames[2].failedParts)
+    }
+
     func testDripFedAndManyFramesPerRead() throws {
         let frames = sampleFrames()
         let whole = encoded(frames)

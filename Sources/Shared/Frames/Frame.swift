@@ -1,7 +1,8 @@
 import NIOCore
 
 /// The protocol version spoken on Sluice's Unix sockets. A peer with another version is refused.
-public let frameProtocolVersion = 1
+/// Version 2: a batch frame to an output may carry several messages (`parts`).
+public let frameProtocolVersion = 2
 
 /// What a frame is for.
 public enum FrameType: String, Sendable {
@@ -68,6 +69,24 @@ public struct Frame: Sendable, Equatable {
     public var headers: [Header]?
     /// Raw JSON (a batch, or a destination's settings). Must be a valid JSON document.
     public var payload: ByteBuffer?
+    /// Several messages in one frame (router → output: a batch's events for one destination, so
+    /// a hop costs a frame and an answer per batch, not per event). `payload` is then a JSON array
+    /// of the messages, and each part gives its message's length in bytes and, where it has them,
+    /// its own topic and event id (sent as the `sluice-event-id` header, after the frame's
+    /// `headers`). Answered with one `ack` when every message was delivered, or one `nack` whose
+    /// payload lists the messages that failed (see `FrameOutcome`).
+    public var parts: [Part]?
+
+    public struct Part: Sendable, Equatable {
+        public var bytes: Int
+        public var topic: String?
+        public var eventID: String?
+        public init(bytes: Int, topic: String? = nil, eventID: String? = nil) {
+            self.bytes = bytes
+            self.topic = topic
+            self.eventID = eventID
+        }
+    }
 
     public init(type: FrameType, id: UInt64 = 0) {
         self.type = type
@@ -161,6 +180,23 @@ extension Frame {
             }
             out.writeInteger(UInt8(ascii: "}"))
         }
+        if let parts {
+            out.writeStaticString(",\"parts\":[")
+            for (i, part) in parts.enumerated() {
+                out.writeStaticString(i == 0 ? "[" : ",[")
+                out.writeString(String(part.bytes))
+                for text in [part.topic, part.eventID] {
+                    if let text {
+                        out.writeInteger(UInt8(ascii: ","))
+                        JSON.writeString(text, into: &out)
+                    } else {
+                        out.writeStaticString(",null")
+                    }
+                }
+                out.writeInteger(UInt8(ascii: "]"))
+            }
+            out.writeInteger(UInt8(ascii: "]"))
+        }
         if let retryable {
             if retryable { out.writeStaticString(",\"retryable\":true") } else { out.writeStaticString(",\"retryable\":false") }
         }
@@ -252,6 +288,8 @@ extension Frame {
                         frame.retryable = value.first == UInt8(ascii: "t")
                     case "payload":
                         frame.payload = body.slice(m.range)
+                    case "parts":
+                        frame.parts = try Frame.decodeParts(value)
                     case "headers":
                         guard JSON.kind(value) == .object, let pairs = try? JSON.members(value) else {
                             throw FrameError.invalidFrame("'headers' must be an object of strings")
@@ -277,5 +315,117 @@ extension Frame {
             return .success(frame)
         }
         return try result.get()
+    }
+}
+
+extension Frame {
+    /// A batch frame carrying `messages` (each with its own topic and event id) as one payload.
+    public static func batch(id: UInt64, messages: [(payload: ByteBuffer, topic: String?, eventID: String?)]) -> Frame {
+        var frame = Frame(type: .batch, id: id)
+        var payload = ByteBuffer()
+        payload.reserveCapacity(messages.reduce(2) { $0 + $1.payload.readableBytes + 1 })
+        payload.writeInteger(UInt8(ascii: "["))
+        var parts: [Part] = []
+        parts.reserveCapacity(messages.count)
+        for (i, m) in messages.enumerated() {
+            if i > 0 { payload.writeInteger(UInt8(ascii: ",")) }
+            payload.writeImmutableBuffer(m.payload)
+            parts.append(Part(bytes: m.payload.readableBytes, topic: m.topic, eventID: m.eventID))
+        }
+        payload.writeInteger(UInt8(ascii: "]"))
+        frame.payload = payload
+        frame.parts = parts
+        return frame
+    }
+
+    /// The messages of a batch frame: its payload when it has no `parts`, else the payload's
+    /// elements, cut by the parts' lengths (each checked to end where the array has a separator).
+    public func messages() throws(FrameError) -> [(payload: ByteBuffer, part: Part?)] {
+        guard let payload else { throw .invalidFrame("batch frame without payload") }
+        guard let parts else { return [(payload, nil)] }
+        guard !parts.isEmpty else { throw .invalidFrame("'parts' is empty") }
+        var out: [(payload: ByteBuffer, part: Part?)] = []
+        out.reserveCapacity(parts.count)
+        let count = payload.readableBytes
+        let start = payload.readerIndex
+        var offset = 1
+        guard payload.getInteger(at: start, as: UInt8.self) == UInt8(ascii: "[") else {
+            throw .invalidFrame("a payload with parts must be an array")
+        }
+        for (i, part) in parts.enumerated() {
+            let separator = i == parts.count - 1 ? UInt8(ascii: "]") : UInt8(ascii: ",")
+            guard part.bytes > 0, offset + part.bytes < count,
+                payload.getInteger(at: start + offset + part.bytes, as: UInt8.self) == separator
+            else { throw .invalidFrame("part \(i) (\(part.bytes) bytes) does not match the payload's elements") }
+            out.append((payload.getSlice(at: start + offset, length: part.bytes)!, part))
+            offset += part.bytes + 1
+        }
+        guard offset == count else { throw .invalidFrame("the payload has more than its parts") }
+        return out
+    }
+
+    static func decodeParts(_ value: UnsafeRawBufferPointer) throws(FrameError) -> [Part] {
+        let invalid = FrameError.invalidFrame("'parts' must be an array of [bytes, topic or null, event id or null]")
+        guard JSON.kind(value) == .array, let elements = try? JSON.elements(value, trusted: true) else { throw invalid }
+        var parts: [Part] = []
+        parts.reserveCapacity(elements.count)
+        for range in elements {
+            let element = UnsafeRawBufferPointer(rebasing: value[range])
+            guard JSON.kind(element) == .array, let fields = try? JSON.elements(element, trusted: true), fields.count == 3 else {
+                throw invalid
+            }
+            func text(_ r: Range<Int>) throws(FrameError) -> String? {
+                let v = UnsafeRawBufferPointer(rebasing: element[r])
+                if JSON.kind(v) == .null { return nil }
+                guard let s = JSON.string(v) else { throw invalid }
+                return s
+            }
+            let number = UnsafeRawBufferPointer(rebasing: element[fields[0]])
+            guard JSON.kind(number) == .number, let bytes = Int(String(decoding: number, as: UTF8.self)) else { throw invalid }
+            parts.append(Part(bytes: bytes, topic: try text(fields[1]), eventID: try text(fields[2])))
+        }
+        return parts
+    }
+}
+
+/// A message of a several-message batch frame that was not delivered.
+public struct FailedPart: Sendable, Equatable {
+    public var index: Int
+    public var reason: String
+    public var retryable: Bool
+    public init(index: Int, reason: String, retryable: Bool) {
+        self.index = index
+        self.reason = reason
+        self.retryable = retryable
+    }
+}
+
+extension Frame {
+    /// The answer to a batch frame with `parts` when some of its messages failed: the others were
+    /// delivered. `reason` and `retryable` summarise (the first reason; retryable if all are).
+    public static func nack(_ id: UInt64, failed: [FailedPart]) -> Frame {
+        var frame = Frame.nack(id, reason: failed.first?.reason ?? "failed", retryable: failed.allSatisfy(\.retryable))
+        frame.payload = JSONValue.object([
+            .init(
+                "failed",
+                .array(
+                    failed.map {
+                        .object([
+                            .init("index", .number(String($0.index))), .init("retryable", .bool($0.retryable)),
+                            .init("reason", .string($0.reason)),
+                        ])
+                    }))
+        ]).jsonBytes
+        return frame
+    }
+
+    /// On a `nack` for a frame with parts: the messages that failed (the rest were delivered);
+    /// nil when the nack is for the whole frame.
+    public var failedParts: [FailedPart]? {
+        guard type == .nack, let payload, let list = try? JSONValue.parse(payload)["failed"]?.arrayValue else { return nil }
+        return list.compactMap { item in
+            guard case .number(let n)? = item["index"], let index = Int(n) else { return nil }
+            return FailedPart(index: index, reason: item["reason"]?.stringValue ?? "no reason given", retryable: item["retryable"] == .bool(true))
+        }
     }
 }
