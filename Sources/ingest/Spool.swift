@@ -295,17 +295,22 @@ final class Spool: Sendable {
                 stopwatch.record(into: IngestMetrics.shared.spoolCommit)
                 IngestMetrics.shared.spoolCommittedOperations.increment(by: Int64(operations.count))
             }
-            var stored: [PayloadLocation] = []
+            // Written to the payload log, for release if the rows pointing at them are not committed.
+            let stored = NIOLockedValueBox<[PayloadLocation]>([])
+            let logTime = NIOLockedValueBox<Duration>(.zero)
             do {
-                // The bytes first, durably; then the rows that point at them.
-                var payloads: [ByteBuffer] = []
-                for op in operations { if case .append(let batches, _, _, _) = op { payloads += batches.map(\.bytes) } }
-                let logStart = ContinuousClock.now
-                stored = payloads.isEmpty ? [] : try log.append(payloads)
-                let logTime = ContinuousClock.now - logStart
-                let locations = stored
+                let payloads = operations.flatMap { op -> [ByteBuffer] in
+                    if case .append(let batches, _, _, _) = op { return batches.map(\.bytes) }
+                    return []
+                }
                 let log = self.log
                 let result = try await db.write { db -> (ids: [[Int64]], bytes: Int, backlog: [DeliveryTarget: Int], freed: [PayloadLocation]) in
+                    // The bytes first, durably; then the rows that point at them. On the writer's
+                    // queue: a flush never blocks a thread of Swift's cooperative pool.
+                    let logStart = ContinuousClock.now
+                    let locations = payloads.isEmpty ? [] : try log.append(payloads)
+                    stored.withLockedValue { $0 = locations }
+                    logTime.withLockedValue { $0 = ContinuousClock.now - logStart }
                     var ids: [[Int64]] = []
                     var bytes = 0
                     var backlog = backlogBefore
@@ -367,7 +372,8 @@ final class Spool: Sendable {
                     logger.warning(
                         "slow spool write",
                         metadata: [
-                            "spool.write_ms": "\(Spool.milliseconds(total))", "spool.payload_log_ms": "\(Spool.milliseconds(logTime))",
+                            "spool.write_ms": "\(Spool.milliseconds(total))",
+                            "spool.payload_log_ms": "\(Spool.milliseconds(logTime.withLockedValue { $0 }))",
                             "spool.release_ms": "\(Spool.milliseconds(ContinuousClock.now - releaseStart))",
                             "spool.operations": "\(operations.count)",
                         ])
@@ -383,7 +389,7 @@ final class Spool: Sendable {
                     if case .append(_, _, _, let continuation) = op { continuation.resume(returning: next.next()!) }
                 }
             } catch {
-                for location in stored { log.release(location) }  // written, but no row points at them
+                for location in stored.withLockedValue({ $0 }) { log.release(location) }  // written, but no row points at them
                 for op in operations {
                     if case .append(_, _, _, let continuation) = op { continuation.resume(throwing: error) }
                 }
