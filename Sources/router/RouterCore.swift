@@ -45,6 +45,9 @@ actor RouterCore {
         var headers: [Header]?
         var messages: [Message]
         var bytes: Int
+        /// The frame's payload and parts while every message is in it (the messages are slices
+        /// of it); nil after a partial failure (the frame is packed again from what is left).
+        var packed: (payload: ByteBuffer, parts: [Frame.Part])?
         var attempts = 0
         var peer: FramePeer?
         var sentAt = ContinuousClock.now
@@ -92,10 +95,12 @@ actor RouterCore {
     /// Re-reads the config file (used when ingest names a destination this router does not know yet:
     /// ingest may have reloaded a moment earlier).
     var refreshConfig: (@Sendable () async -> Void)?
-    /// Work held at most (items and the bytes of the messages they carry); beyond it ingest is told
-    /// to retry later. 16 MB covers the outputs' round trips many times over at the rates measured
-    /// (docs/BENCHMARKS.md); per-event messages cost several times their bytes in memory (a Work
-    /// and a frame each), so more only grows the router's RSS.
+    /// Work held at most (messages, and their bytes); beyond it ingest is told to retry later.
+    /// 8 MB covers the outputs' round trips several times over at the rates measured (≈ 30 MB/s of
+    /// messages, tens of milliseconds to a confirmation: docs/BENCHMARKS.md); a message's bytes
+    /// are also in the frame being written, so more only grows the router's RSS (per event with 50
+    /// tenants: 86 MB at 16 MB when every message had its own buffer, 67 MB once they were slices
+    /// of their frame's payload).
     let maxBacklog: Int
     let maxBacklogBytes: Int
     private var backlogBytes = 0
@@ -104,7 +109,7 @@ actor RouterCore {
     static let maxWorkBytes = 1 << 20
     static let maxWorkMessages = 500
 
-    init(config: SluiceConfig, logger: Logger, maxBacklog: Int = 50_000, maxBacklogBytes: Int = 16 << 20) {
+    init(config: SluiceConfig, logger: Logger, maxBacklog: Int = 50_000, maxBacklogBytes: Int = 8 << 20) {
         self.logger = logger
         self.maxBacklog = maxBacklog
         self.maxBacklogBytes = maxBacklogBytes
@@ -291,8 +296,8 @@ actor RouterCore {
             ingest.send(.nack(frame.id, reason: "router backlog is full", retryable: true))
             return
         }
-        let bytes = payload.readableBytes * targets.count
-        guard backlogMessages + targets.count <= maxBacklog, backlogBytes + bytes <= maxBacklogBytes else {
+        guard hasRoom(for: targets.map { RouteID(tenant: tenant, destination: $0.destination.name) }, bytes: payload.readableBytes)
+        else {
             if refusedFirst[blockKey].map({ frame.id < $0.id || ContinuousClock.now - $0.at >= .seconds(5) }) ?? true {
                 refusedFirst[blockKey] = (frame.id, ContinuousClock.now)
             }
@@ -370,10 +375,18 @@ actor RouterCore {
             var groupBytes = 0
             func close() {
                 guard !group.isEmpty else { return }
+                var packed: (payload: ByteBuffer, parts: [Frame.Part])?
+                if group.count > 1 {
+                    // Packed once; the messages are kept as slices of the frame's payload.
+                    let (payload, parts) = Frame.pack(group.map { ($0.payload, $0.topic, $0.eventID) })
+                    for (i, slice) in Frame.slices(of: payload, parts).enumerated() { group[i].payload = slice }
+                    packed = (payload, parts)
+                }
                 items.append(
                     Work(
                         batchID: frame.id, route: id, destinationKey: route.key, role: route.destination.role,
-                        spec: route.spec, key: frame.key, headers: frame.headers, messages: group, bytes: groupBytes))
+                        spec: route.spec, key: frame.key, headers: frame.headers, messages: group, bytes: groupBytes,
+                        packed: packed))
                 group = []
                 groupBytes = 0
             }
@@ -400,10 +413,25 @@ actor RouterCore {
             backlogBytes += item.bytes
             backlogMessages += item.messages.count
             stats[item.route, default: RouteStats()].backlog += item.messages.count
+            stats[item.route]!.bytes += item.bytes
             keyUse[item.destinationKey, default: 0] += 1
             metrics.backlog(item.role).increment(by: Double(item.messages.count))
             if let key = item.key { affinity[Affinity(role: item.role, key: key), default: (nil, 0)].count += 1 }
             dispatch(id)
+        }
+    }
+
+    /// Whether the backlog can take a delivery of `bytes` for `routes`. Within its bounds, always;
+    /// beyond them, only for destinations that hold less than their share (the bounds divided
+    /// among the destinations with work here): destinations that are down fill only their own
+    /// share, and the others keep flowing.
+    private func hasRoom(for routes: [RouteID], bytes: Int) -> Bool {
+        if backlogMessages + routes.count <= maxBacklog && backlogBytes + bytes * routes.count <= maxBacklogBytes { return true }
+        let holding = stats.values.reduce(0) { $0 + ($1.backlog > 0 ? 1 : 0) }
+        return routes.allSatisfy { route in
+            let s = stats[route] ?? RouteStats()
+            let sharers = max(1, holding + (s.backlog > 0 ? 0 : 1))
+            return s.backlog + 1 <= maxBacklog / sharers && s.bytes + bytes <= maxBacklogBytes / sharers
         }
     }
 
@@ -445,7 +473,8 @@ actor RouterCore {
             frame.headers = item.headers
             if let eventID = m.eventID { frame.headers = (item.headers ?? []) + [Header("sluice-event-id", eventID)] }
         } else {
-            frame = Frame.batch(id: id, messages: item.messages.map { ($0.payload, $0.topic, $0.eventID) })
+            frame = Frame(type: .batch, id: id)
+            (frame.payload, frame.parts) = item.packed ?? Frame.pack(item.messages.map { ($0.payload, $0.topic, $0.eventID) })
             frame.headers = item.headers
         }
         frame.tenant = item.route.tenant
@@ -552,9 +581,11 @@ actor RouterCore {
         backlogBytes -= item.bytes - bytes
         backlogMessages -= settled
         stats[item.route]?.backlog -= settled
+        stats[item.route]?.bytes -= item.bytes - bytes
         metrics.backlog(item.role).decrement(by: Double(settled))
         item.messages = kept
         item.bytes = bytes
+        item.packed = nil
         work[id] = item
     }
 
@@ -572,6 +603,7 @@ actor RouterCore {
         backlogBytes -= item.bytes
         backlogMessages -= item.messages.count
         stats[item.route]?.backlog -= item.messages.count
+        stats[item.route]?.bytes -= item.bytes
         metrics.backlog(item.role).decrement(by: Double(item.messages.count))
         if let n = keyUse[item.destinationKey], n > 1 {
             keyUse[item.destinationKey] = n - 1
@@ -679,7 +711,9 @@ struct RouteStats {
     var delivered = 0
     var retried = 0
     var deadLettered = 0
+    /// Messages in the router, and their bytes.
     var backlog = 0
+    var bytes = 0
     var lastError: String?
     var lastErrorAt: Date?
     var rate = RateMeter()

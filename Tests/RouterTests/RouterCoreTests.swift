@@ -252,6 +252,32 @@ final class RouterCoreTests: XCTestCase {
         XCTAssertEqual(ingest.takeQueued(), [.nack(4, reason: "router backlog is full", retryable: true)])
     }
 
+    /// A destination whose output never answers fills only its share of the backlog: another
+    /// destination's deliveries are still taken.
+    func testADestinationThatIsDownFillsOnlyItsShareOfTheBacklog() async {
+        let core = RouterCore(config: config, logger: Logger(label: "t"), maxBacklog: 100, maxBacklogBytes: 1000)
+        let out = peer(.kafkaOut, "1")
+        await core.register(out)
+        let ingest = peer(.ingest, "in")
+        _ = ingest.takeQueued()
+        func delivery(_ id: UInt64, _ destination: String) -> Frame {
+            var f = batch(id, key: "u", size: 300)
+            f.destination = destination
+            return f
+        }
+        // `a` never answers: three fit (900 of 1000 bytes), the fourth is refused.
+        for id: UInt64 in 1...4 { await core.accept(delivery(id, "a"), from: ingest) }
+        XCTAssertEqual(ingest.takeQueued(), [.nack(4, reason: "router backlog is full", retryable: true)])
+        // `b` is over the total too, but holds nothing: it gets its share (500 bytes).
+        await core.accept(delivery(5, "b"), from: ingest)
+        await core.accept(delivery(6, "b"), from: ingest)
+        XCTAssertEqual(ingest.takeQueued(), [.nack(6, reason: "router backlog is full", retryable: true)])
+        let sent = batches(out.takeQueued())
+        XCTAssertEqual(sent.count, 4)
+        await core.outcome(.ack(sent[3].id), from: out)
+        XCTAssertEqual(ingest.takeQueued(), [.ack(5)])
+    }
+
     func testAfterABacklogFullNackLaterDeliveriesWaitForTheRefusedOne() async {
         let core = RouterCore(config: config, logger: Logger(label: "t"), maxBacklog: 1, maxBacklogBytes: 1 << 20)
         let out = peer(.kafkaOut, "1")

@@ -322,6 +322,13 @@ extension Frame {
     /// A batch frame carrying `messages` (each with its own topic and event id) as one payload.
     public static func batch(id: UInt64, messages: [(payload: ByteBuffer, topic: String?, eventID: String?)]) -> Frame {
         var frame = Frame(type: .batch, id: id)
+        (frame.payload, frame.parts) = pack(messages)
+        return frame
+    }
+
+    /// The payload and parts of a several-message batch frame. The messages can be kept as
+    /// slices of the payload (`slices`): one copy of their bytes, not two.
+    public static func pack(_ messages: [(payload: ByteBuffer, topic: String?, eventID: String?)]) -> (ByteBuffer, [Part]) {
         var payload = ByteBuffer()
         payload.reserveCapacity(messages.reduce(2) { $0 + $1.payload.readableBytes + 1 })
         payload.writeInteger(UInt8(ascii: "["))
@@ -333,9 +340,16 @@ extension Frame {
             parts.append(Part(bytes: m.payload.readableBytes, topic: m.topic, eventID: m.eventID))
         }
         payload.writeInteger(UInt8(ascii: "]"))
-        frame.payload = payload
-        frame.parts = parts
-        return frame
+        return (payload, parts)
+    }
+
+    /// Each part's bytes in a payload made by `pack`.
+    public static func slices(of payload: ByteBuffer, _ parts: [Part]) -> [ByteBuffer] {
+        var offset = payload.readerIndex + 1
+        return parts.map { part in
+            defer { offset += part.bytes + 1 }
+            return payload.getSlice(at: offset, length: part.bytes)!
+        }
     }
 
     /// The messages of a batch frame: its payload when it has no `parts`, else the payload's
