@@ -15,8 +15,14 @@ struct PayloadLocation: Sendable, Equatable {
 /// at max load, keeping 11 KB payloads as SQLite blobs wrote 4.4× the accepted bytes (WAL pages,
 /// free-list pages, checkpoint copies) and kept the spool's single writer busy 97% of the time.
 ///
-/// A segment is deleted once no batch refers to it and a newer one is being written. After a
-/// restart a new segment is started; segments nothing refers to are deleted. Files are 0600 in the
+/// A segment is retired once no batch refers to it and a newer one is being written: one retired
+/// segment is kept as the spare (`payloads-spare.log`) and becomes the next segment, written over
+/// from its start; the others are deleted. Writing over blocks a file already has makes the
+/// `fdatasync` a flush of data only — appending to a new file also commits the file system's
+/// journal (its size and block allocation) every time: on this project's test machine a 40 KB
+/// write + `fdatasync` took 0.29 ms instead of 0.47 (p50), at half the CPU, with a worst case of
+/// 1.1 ms instead of 9–93 ms. Old bytes past what a row points at are never read. After a restart
+/// a new segment is started; segments nothing refers to are retired. Files are 0600 in the
 /// spool's 0700 directory.
 final class PayloadLog: Sendable {
     enum Failure: Error, CustomStringConvertible {
@@ -37,9 +43,12 @@ final class PayloadLog: Sendable {
         var references = 0
     }
 
+    private enum Spare { case none, making, ready }
+
     private struct State {
         var segments: [Int64: Segment] = [:]
         var current: Int64 = 0
+        var spare = Spare.none
     }
 
     let directory: String
@@ -52,11 +61,13 @@ final class PayloadLog: Sendable {
         self.directory = directory
         self.segmentBytes = segmentBytes
         var highest: Int64 = 0
-        for name in (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? [] {
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []
+        if names.contains(PayloadLog.spareName) { state.withLockedValue { $0.spare = .ready } }
+        for name in names {
             guard let n = PayloadLog.segmentNumber(name) else { continue }
             highest = max(highest, n)
             if references[n, default: 0] == 0 {
-                unlink(path(n))
+                retire(path(n))
             } else {
                 let fd = open(path(n), O_RDWR | O_CLOEXEC)
                 guard fd >= 0 else { throw Failure.io("open \(name)", errno) }
@@ -82,8 +93,20 @@ final class PayloadLog: Sendable {
 
     private func path(_ n: Int64) -> String { (directory as NSString).appendingPathComponent("payloads-\(n).log") }
 
+    static let spareName = "payloads-spare.log"
+    private var sparePath: String { (directory as NSString).appendingPathComponent(PayloadLog.spareName) }
+
     private func startSegment(_ n: Int64) throws {
-        let fd = open(path(n), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+        var fd: Int32 = -1
+        if state.withLockedValue({ s in
+            guard s.spare == .ready else { return false }
+            s.spare = .none
+            return true
+        }), rename(sparePath, path(n)) == 0 {
+            fd = open(path(n), O_RDWR | O_CLOEXEC)
+            if fd < 0 { unlink(path(n)) }
+        }
+        if fd < 0 { fd = open(path(n), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600) }
         guard fd >= 0 else { throw Failure.io("create segment \(n)", errno) }
         // The new file's name must survive a power loss before anything in it is acknowledged.
         let dir = open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
@@ -177,12 +200,27 @@ final class PayloadLog: Sendable {
         if let retire { remove(retire, segment: location.segment) }
     }
 
-    /// Closes a segment nothing refers to any more and deletes its file off the writer's path (a
-    /// 64 MB unlink is a file-system journal commit).
+    /// Closes a segment nothing refers to any more and retires its file off the writer's path (a
+    /// rename or a 64 MB unlink is a file-system journal commit).
     private func remove(_ fd: Int32, segment n: Int64) {
         close(fd)
         let file = path(n)
-        PayloadLog.cleanup.async { unlink(file) }
+        PayloadLog.cleanup.async { self.retire(file) }
+    }
+
+    /// Keeps a retired segment's file as the spare when there is none, else deletes it.
+    private func retire(_ file: String) {
+        let keep = state.withLockedValue { s -> Bool in
+            guard s.spare == .none else { return false }
+            s.spare = .making
+            return true
+        }
+        if keep {
+            let renamed = rename(file, sparePath) == 0
+            state.withLockedValue { $0.spare = renamed ? .ready : .none }
+            if renamed { return }
+        }
+        unlink(file)
     }
 
     private static let cleanup = DispatchQueue(label: "sluice.spool.segment-cleanup")

@@ -142,7 +142,8 @@ final class SpoolTests: XCTestCase {
     }
 
     /// Batch bytes live in payload-log segments: a full segment makes way for a new one, a segment
-    /// goes when no batch needs it, and reopening finds every byte still needed and deletes the rest.
+    /// goes when no batch needs it (one is kept as the spare, and the next segment is written over
+    /// it), and reopening finds every byte still needed and retires the rest.
     func testPayloadSegmentsRotateAndGoWhenNothingNeedsThem() async throws {
         let body = String(repeating: "x", count: 1000)
         var spool: Spool? = try Spool(directory: dir, maxBytes: 1 << 24, segmentBytes: 4096)
@@ -156,10 +157,30 @@ final class SpoolTests: XCTestCase {
         let first = try spool!.pending(target, after: 0, limit: 6)
         for d in first { spool!.complete(delivery: d.id) }
         try await waitFor { spool!.count == 4 }
-        let files = { try FileManager.default.contentsOfDirectory(atPath: self.dir).filter { $0.hasPrefix("payloads-") }.sorted() }
+        let spare = "payloads-spare.log"
+        let files = {
+            try FileManager.default.contentsOfDirectory(atPath: self.dir).filter { $0.hasPrefix("payloads-") && $0 != spare }.sorted()
+        }
+        func inode(_ name: String) throws -> Int {
+            try FileManager.default.attributesOfItem(atPath: self.dir + "/" + name)[.systemFileNumber] as! Int
+        }
         try await waitFor { (try? files().count) == spool!.segments.count }  // files go off the writer's path
         XCTAssertEqual(try files().count, spool!.segments.count)
         XCTAssertLessThan(spool!.segments.count, 4)
+        try await waitFor { FileManager.default.fileExists(atPath: self.dir + "/" + spare) }
+        let spareInode = try inode(spare)
+        // The next segment is the spare, written over from its start.
+        let before = Set(try files())
+        var more: [Int64] = []
+        while Set(try files()).subtracting(before).isEmpty {
+            more += try await spool!.append(tenant: "t", destinations: ["a"], batches: [batch("{\"m\":\(more.count),\"p\":\"\(body)\"}")])
+        }
+        let next = try XCTUnwrap(Set(try files()).subtracting(before).first)
+        XCTAssertEqual(try inode(next), spareInode)
+        let written = try spool!.pending(target, after: ids.last!, limit: 100)
+        XCTAssertEqual(written.map { String(buffer: $0.payload) }, more.indices.map { "{\"m\":\($0),\"p\":\"\(body)\"}" })
+        for d in written { spool!.complete(delivery: d.id) }
+        try await waitFor { spool!.count == 4 }
         XCTAssertEqual(spool!.usedBytes, try spool!.pending(target, after: 0, limit: 10).reduce(0) { $0 + $1.payload.readableBytes })
         spool = nil
         // Reopened: the remaining four are intact, oldest first; a new segment is started.
@@ -172,7 +193,8 @@ final class SpoolTests: XCTestCase {
         XCTAssertEqual(reopened.usedBytes, 0)
         try await waitFor { (try? files().count) == 1 }
         let left = try files()
-        XCTAssertEqual(left.count, 1, "only the segment being written is left: \(left)")
+        XCTAssertEqual(left.count, 1, "only the segment being written is left (and the spare): \(left)")
+        XCTAssertTrue(FileManager.default.fileExists(atPath: dir + "/" + spare))
     }
 
     /// Dead letters take their bytes out of the payload log into SQLite; a replayed dead letter
