@@ -81,7 +81,8 @@ final class Spool: Sendable {
     /// A connection of its own that copies the WAL into the database file once a second. SQLite's
     /// automatic checkpoint ran inside the writer's commit: measured, one commit in a few thousand
     /// then took 250–600 ms (the database file's fsync), and every request behind it waited — the
-    /// p99 at 10–50% load was 100–600 ms for that alone.
+    /// p99 at 10–50% load was 100–600 ms for that alone. See `checkpointNow` for how the WAL is
+    /// kept from growing.
     private let checkpointer: DatabaseQueue
     nonisolated(unsafe) private let checkpointTimer: DispatchSourceTimer  // set once; DispatchSource is thread-safe
 
@@ -110,6 +111,9 @@ final class Spool: Sendable {
         try db.writeWithoutTransaction { db in
             try db.execute(sql: "PRAGMA synchronous = FULL")
             try db.execute(sql: "PRAGMA wal_autocheckpoint = 0")
+            // A WAL that a burst grew is cut back to this when it is rewound (below it, it is
+            // written over in place: cheaper flushes than appending).
+            try db.execute(sql: "PRAGMA journal_size_limit = \(32 << 20)")
         }
         var checkpointConfiguration = Configuration()
         checkpointConfiguration.busyMode = .timeout(10)
@@ -118,7 +122,7 @@ final class Spool: Sendable {
         checkpointTimer.schedule(deadline: .now() + 1, repeating: 1)
         checkpointTimer.setEventHandler { [checkpointer, logger] in
             do {
-                _ = try checkpointer.writeWithoutTransaction { db in try db.checkpoint(.passive) }
+                try Spool.checkpointNow(checkpointer)
             } catch {
                 logger.warning("spool checkpoint failed; will try again", metadata: ["error": "\(error)"])
             }
@@ -260,6 +264,35 @@ final class Spool: Sendable {
     /// Copies the WAL into the database now; returns the WAL's frames and how many are copied.
     func checkpoint() throws -> (walFrameCount: Int, checkpointedFrameCount: Int) {
         try checkpointer.writeWithoutTransaction { db in try db.checkpoint(.passive) }
+    }
+
+    /// One checkpoint: a passive pass copies the WAL into the database without holding commits
+    /// back. Under a steady stream of commits that pass never catches up with the last one, so the
+    /// WAL was never rewound and grew without bound (106 MB in a minute at max load, each commit
+    /// then appending to it). So a second pass (RESTART) copies the few frames committed meanwhile
+    /// and waits — at most 50 ms, holding new commits back — until no reader uses the WAL: the next
+    /// commit then writes the WAL from its start. When readers are busy it gives up until the next
+    /// second.
+    static func checkpointNow(_ checkpointer: DatabaseQueue) throws {
+        let (frames, _) = try checkpointer.writeWithoutTransaction { db in try db.checkpoint(.passive) }
+        guard frames > 0 else { return }
+        try checkpointer.writeWithoutTransaction { db in
+            try db.execute(sql: "PRAGMA busy_timeout = 50")
+            defer { try? db.execute(sql: "PRAGMA busy_timeout = 10000") }
+            do {
+                _ = try db.checkpoint(.restart)
+            } catch let error as DatabaseError where error.resultCode == .SQLITE_BUSY {
+                return  // readers or a commit in the way: next second
+            }
+        }
+    }
+
+    /// The checkpointer's work, now (for tests).
+    func checkpointRewinding() throws { try Spool.checkpointNow(checkpointer) }
+
+    /// The WAL file's size in bytes (for tests).
+    var walBytes: Int {
+        ((try? FileManager.default.attributesOfItem(atPath: path + "-wal")[.size]) as? Int) ?? 0
     }
 
     /// The writer's `PRAGMA synchronous` (2 = FULL), for tests.

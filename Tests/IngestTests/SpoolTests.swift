@@ -1,4 +1,5 @@
 import Foundation
+import NIOConcurrencyHelpers
 import NIOCore
 import Shared
 import XCTest
@@ -35,6 +36,36 @@ final class SpoolTests: XCTestCase {
         XCTAssertGreaterThan(wal.walFrameCount, 0)
         XCTAssertEqual(wal.checkpointedFrameCount, wal.walFrameCount, "the checkpointer's connection copies the whole WAL")
         XCTAssertEqual(spool.count, 20)
+    }
+
+    /// Commits that never pause must not grow the WAL without bound: the checkpointer gets it
+    /// rewound (a passive checkpoint alone never caught up with the latest commit).
+    func testTheWALStaysSmallUnderASteadyStreamOfCommits() async throws {
+        let spool = try Spool(directory: dir, maxBytes: 1 << 30)
+        let body = String(repeating: "x", count: 2000)
+        let stop = NIOLockedValueBox(false)
+        let stored = batch("{\"p\":\"\(body)\"}")
+        let writer = Task {
+            var n = 0
+            while !stop.withLockedValue({ $0 }) {
+                let ids = try await spool.append(tenant: "t", destinations: ["a"], batches: [stored])
+                n += 1
+                for d in try spool.pending(DeliveryTarget(tenant: "t", destination: "a"), after: ids[0] - 1, limit: 1) {
+                    spool.complete(delivery: d.id)
+                }
+            }
+            return n
+        }
+        var largest = 0
+        for _ in 0..<40 {
+            try await Task.sleep(for: .milliseconds(50))
+            try spool.checkpointRewinding()
+            largest = max(largest, spool.walBytes)
+        }
+        stop.withLockedValue { $0 = true }
+        let commits = try await writer.value
+        XCTAssertGreaterThan(commits, 100)
+        XCTAssertLessThan(spool.walBytes, 4 << 20, "after \(commits) appends the WAL is \(spool.walBytes) bytes (largest \(largest))")
     }
 
     func testStoredBatchesSurviveReopeningUntilEveryDestinationHasThem() async throws {
