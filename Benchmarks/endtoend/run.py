@@ -71,11 +71,12 @@ BINARIES = ["ingest", "router", "kafka-out", "keen-out"]
 
 
 def check_binaries(bin_dir):
-    """Returns when the binaries were built; warns when sources changed since."""
+    """Returns when the binaries were last built; warns when sources changed since. (A build relinks
+    only the executables whose inputs changed, so the newest binary is when the tree was built.)"""
     missing = [n for n in BINARIES if not (bin_dir / n).exists()]
     if missing:
         sys.exit(f"bench: {', '.join(missing)} not found in {bin_dir}: build first (swift build -c release)")
-    built = min((bin_dir / n).stat().st_mtime for n in BINARIES)
+    built = max((bin_dir / n).stat().st_mtime for n in BINARIES)
     newer = [p for p in (ROOT / "Sources").rglob("*.swift") if p.stat().st_mtime > built]
     if newer:
         say(f"warning: {len(newer)} source files are newer than the binaries in {bin_dir} (e.g. {newer[0]})")
