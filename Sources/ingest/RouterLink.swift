@@ -258,6 +258,10 @@ final class RouterLink: FrameConnectionHandler {
                         peer.send(contentsOf: frames)
                         sent = true
                     }
+                } catch PayloadLog.Failure.missing(let location) {
+                    // A delivery of this read finished meanwhile and its segment went: the next
+                    // pass (the next answer, append or the idle pump) reads the rows again without it.
+                    logger.debug("spool read raced a finished delivery", metadata: ["segment": "\(location.segment)"])
                 } catch {
                     logger.error("cannot read the spool", metadata: ["error": "\(error)"])
                 }
