@@ -20,6 +20,10 @@ struct IngestMetrics: Sendable {
     let spoolCommittedOperations = Metrics.counter(
         "sluice_ingest_spool_committed_operations_total",
         "Appends (one per request) and completions written by spool transactions; divided by the commits, the group size.")
+    let deliveriesSent = Metrics.counter(
+        "sluice_ingest_deliveries_sent_total", "Deliveries (a batch for one destination) sent to the router, resends included.")
+    let routerRefusals = Metrics.counter(
+        "sluice_ingest_router_refusals_total", "Deliveries the router could not take (its backlog was full): sent again later.")
     let routerConnected = Metrics.gauge("sluice_ingest_router_connected", "1 when the router connection is up.")
     let ready = Metrics.gauge("sluice_ingest_ready", "1 when /readyz says ready.")
 

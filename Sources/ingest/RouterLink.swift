@@ -134,6 +134,7 @@ final class RouterLink: FrameConnectionHandler {
             let reason = frame.reason ?? "no reason given"
             if frame.retryable == true {
                 // The router cannot take it now: this destination pauses, then resumes from here.
+                metrics.routerRefusals.increment()
                 state.withLockedValue { s in
                     guard let (target, bytes) = s.owner.removeValue(forKey: id), var lane = s.lanes[target] else { return }
                     lane.inFlight.remove(id)
@@ -255,6 +256,7 @@ final class RouterLink: FrameConnectionHandler {
                         return true
                     }
                     if current {
+                        metrics.deliveriesSent.increment(by: Int64(frames.count))
                         peer.send(contentsOf: frames)
                         sent = true
                     }
