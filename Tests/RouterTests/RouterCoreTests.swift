@@ -134,10 +134,7 @@ final class RouterCoreTests: XCTestCase {
     }
 
     func testRetryableNackIsRetriedAndPermanentNackIsNot() async throws {
-        let core = RouterCore(config: config, logger: Logger(label: "t"))
-        let out = peer(.kafkaOut, "1")
-        await core.register(out)
-        let ingest = peer(.ingest, "in")
+        let (core, out, ingest) = await routerWithOneOutput()
         await core.accept(batch(1, key: "k"), from: ingest)
         let sent = batches(out.takeQueued())
         await core.outcome(.nack(sent[0].id, reason: "_MSG_TIMED_OUT", retryable: true), from: out)
@@ -159,12 +156,22 @@ final class RouterCoreTests: XCTestCase {
         XCTAssertNotNil(dead?.first?["destination"]?.stringValue)
     }
 
-    /// Per event: a batch's messages for a destination go in one frame (one answer per batch).
-    func testPerEventMessagesOfABatchTravelInOneFrame() async throws {
+    /// A router with one kafka-out instance registered, and an ingest peer to send from.
+    func routerWithOneOutput() async -> (RouterCore, FramePeer, FramePeer) {
         let core = RouterCore(config: config, logger: Logger(label: "t"))
         let out = peer(.kafkaOut, "1")
         await core.register(out)
-        let ingest = peer(.ingest, "in")
+        return (core, out, peer(.ingest, "in"))
+    }
+
+    /// The router's status row for `tenant`'s (first) destination.
+    func statusRow(_ core: RouterCore, tenant: String) async -> JSONValue? {
+        await core.status(config: nil)["destinations"]?.arrayValue?.first { $0["tenant"] == .string(tenant) }
+    }
+
+    /// Per event: a batch's messages for a destination go in one frame (one answer per batch).
+    func testPerEventMessagesOfABatchTravelInOneFrame() async throws {
+        let (core, out, ingest) = await routerWithOneOutput()
         await core.accept(eventBatch(1, count: 3), from: ingest)
         let sent = batches(out.takeQueued())
         XCTAssertEqual(sent.count, 1)
@@ -178,18 +185,14 @@ final class RouterCoreTests: XCTestCase {
         XCTAssertEqual(backlog, 3, "the backlog counts messages")
         await core.outcome(.ack(sent[0].id), from: out)
         XCTAssertEqual(ingest.takeQueued(), [.ack(1)])
-        let status = await core.status(config: nil)
-        let row = status["destinations"]?.arrayValue?.first { $0["tenant"] == .string("solo") }
+        let row = await statusRow(core, tenant: "solo")
         XCTAssertEqual(row?["delivered"], .number("3"))
     }
 
     /// Some messages of a frame failed: the delivered ones are done, the permanent failures become
     /// the batch's dead letter, and only the retryable ones are sent again.
     func testAPartialNackRetriesOnlyTheRetryableMessages() async throws {
-        let core = RouterCore(config: config, logger: Logger(label: "t"))
-        let out = peer(.kafkaOut, "1")
-        await core.register(out)
-        let ingest = peer(.ingest, "in")
+        let (core, out, ingest) = await routerWithOneOutput()
         await core.accept(eventBatch(1, count: 4), from: ingest)
         let sent = batches(out.takeQueued())
         XCTAssertEqual(sent.count, 1)
@@ -217,8 +220,7 @@ final class RouterCoreTests: XCTestCase {
         let dead = try JSONValue.parse(XCTUnwrap(answer.first?.payload))["dead"]?.arrayValue
         XCTAssertEqual(dead?.count, 1)
         XCTAssertEqual(dead?.first?["reason"], .string("1 of 4 messages: MSG_SIZE_TOO_LARGE"))
-        let status = await core.status(config: nil)
-        let row = status["destinations"]?.arrayValue?.first { $0["tenant"] == .string("solo") }
+        let row = await statusRow(core, tenant: "solo")
         XCTAssertEqual(row?["delivered"], .number("3"))
         XCTAssertEqual(row?["dead_lettered"], .number("1"))
         XCTAssertEqual(row?["retried"], .number("1"))
@@ -226,10 +228,7 @@ final class RouterCoreTests: XCTestCase {
 
     /// A frame carries at most about 1 MB of messages: a larger batch's go in several.
     func testMessagesBeyondAMegabyteGoInAnotherFrame() async throws {
-        let core = RouterCore(config: config, logger: Logger(label: "t"))
-        let out = peer(.kafkaOut, "1")
-        await core.register(out)
-        let ingest = peer(.ingest, "in")
+        let (core, out, ingest) = await routerWithOneOutput()
         await core.accept(eventBatch(1, count: 3, filler: 400_000), from: ingest)
         let sent = batches(out.takeQueued())
         XCTAssertEqual(try sent.map { try $0.messages().count }, [2, 1])
