@@ -59,9 +59,9 @@ final class FrameCodecTests: XCTestCase {
     /// give each one's length, topic and event id; the receiver cuts them out by length.
     func testSeveralMessagesInOneFrameAreCutByTheirParts() throws {
         let messages = [#"{"a":"],[","b":1}"#, "[1,2]", #"{"c":"\u00e9"}"#]
-        var frame = Frame.batch(
-            id: 9,
-            messages: messages.enumerated().map { (ByteBuffer(string: $1), $0 == 1 ? "purchases" : nil, $0 == 2 ? nil : "e\($0)") })
+        var frame = Frame(type: .batch, id: 9)
+        (frame.payload, frame.parts) = Frame.pack(
+            messages.enumerated().map { (ByteBuffer(string: $1), $0 == 1 ? "purchases" : nil, $0 == 2 ? nil : "e\($0)") })
         frame.destination = "acme/a#1"
         frame.headers = [Header("sluice-batch-id", "b-1")]
         var wire = encoded([frame])

@@ -319,13 +319,6 @@ extension Frame {
 }
 
 extension Frame {
-    /// A batch frame carrying `messages` (each with its own topic and event id) as one payload.
-    public static func batch(id: UInt64, messages: [(payload: ByteBuffer, topic: String?, eventID: String?)]) -> Frame {
-        var frame = Frame(type: .batch, id: id)
-        (frame.payload, frame.parts) = pack(messages)
-        return frame
-    }
-
     /// The payload and parts of a several-message batch frame. The messages can be kept as
     /// slices of the payload (`slices`): one copy of their bytes, not two.
     public static func pack(_ messages: [(payload: ByteBuffer, topic: String?, eventID: String?)]) -> (ByteBuffer, [Part]) {
