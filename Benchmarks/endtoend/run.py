@@ -109,23 +109,21 @@ class Proc:
         except OSError:
             pass
 
-    def rss_mb(self):
+    def _status_mb(self, field):
+        """A memory field of /proc/<pid>/status (VmRSS, VmHWM) in MB; 0 once the process is gone."""
         try:
             for line in Path(f"/proc/{self.popen.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
         except OSError:
             pass
         return 0.0
 
+    def rss_mb(self):
+        return self._status_mb("VmRSS")
+
     def peak_mb(self):
-        try:
-            for line in Path(f"/proc/{self.popen.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            pass
-        return 0.0
+        return self._status_mb("VmHWM")
 
     def stop(self, timeout=20):
         if self.alive():
