@@ -204,6 +204,11 @@ class Mode:
         o, c = self.opts, self.cluster
         seconds = seconds or o.duration
         topics = self.topics(system)
+        # Files the harness wrote (the binaries' copies, ~200 MB; samples and the raw producer's
+        # messages, tens of MB) would otherwise be written back by the kernel 30 s later, in the
+        # middle of a step: the virtual disk then holds every fsync for 150-450 ms, and a paced
+        # step's p99 measured the harness, not the system under test.
+        os.sync()
         base = c.delivered(topics)
         for p in procs:
             p.reset_peak()
