@@ -219,7 +219,8 @@ final class RouterLink: FrameConnectionHandler {
                 }
                 guard let (peer, cursor, room) = plan else { continue }
                 do {
-                    var deliveries = try spool.pending(target, after: cursor, limit: room)
+                    // The idle pump reads the spool itself: it also finds what another process put back.
+                    var deliveries = try spool.pending(target, after: cursor, limit: room, fromMemory: !full)
                     guard !deliveries.isEmpty else { continue }
                     // Within the lane's byte window (at least one: a batch larger than it still goes).
                     let used = state.withLockedValue { $0.lanes[target]?.inFlightBytes ?? 0 }
@@ -256,6 +257,7 @@ final class RouterLink: FrameConnectionHandler {
                         return true
                     }
                     if current {
+                        spool.sent(target, upTo: deliveries.last!.id)
                         metrics.deliveriesSent.increment(by: Int64(frames.count))
                         peer.send(contentsOf: frames)
                         sent = true

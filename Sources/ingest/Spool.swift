@@ -67,6 +67,8 @@ final class Spool: Sendable {
     }
 
     private let db: DatabasePool
+    /// Deliveries spooled and not yet sent, so the pump need not read them back.
+    private let fresh: NIOLockedValueBox<FreshDeliveries>
     /// The batches' bytes (SQLite keeps where they are).
     private let log: PayloadLog
     private let state = NIOLockedValueBox(State())
@@ -140,6 +142,15 @@ final class Spool: Sendable {
         let backlog = try db.read { db in
             try Row.fetchAll(db, sql: "SELECT tenant, destination, COUNT(*) AS n FROM deliveries GROUP BY tenant, destination")
         }
+        let lastDeliveryID = try db.read { db in
+            try Int64.fetchOne(
+                db,
+                sql: """
+                    SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'deliveries'), 0),
+                               COALESCE((SELECT MAX(id) FROM deliveries), 0))
+                    """) ?? 0
+        }
+        fresh = NIOLockedValueBox(FreshDeliveries(lastDeliveryID: lastDeliveryID))
         state.withLockedValue { s in
             s.usedBytes = used
             for row in backlog { s.backlog[DeliveryTarget(tenant: row["tenant"], destination: row["destination"])] = row["n"] }
@@ -225,9 +236,14 @@ final class Spool: Sendable {
         enqueue(.complete(id, deadLetter: deadLetter))
     }
 
-    /// Up to `limit` deliveries waiting for `target` with an id above `after`, oldest first.
-    func pending(_ target: DeliveryTarget, after: Int64, limit: Int) throws -> [SpooledDelivery] {
-        try db.read { db in
+    /// Up to `limit` deliveries waiting for `target` with an id above `after`, oldest first: from
+    /// memory when asked and it holds them all (`FreshDeliveries`; the pump asks), else from SQLite
+    /// and the payload log.
+    func pending(_ target: DeliveryTarget, after: Int64, limit: Int, fromMemory: Bool = false) throws -> [SpooledDelivery] {
+        if fromMemory, let known = fresh.withLockedValue({ $0.waiting(target, after: after, limit: limit) }) {
+            return known
+        }
+        return try db.read { db in
             try Row.fetchAll(
                 db.cachedStatement(
                     sql: """
@@ -241,6 +257,14 @@ final class Spool: Sendable {
             }
         }
     }
+
+    /// The deliveries of `target` up to `id` went to the router.
+    func sent(_ target: DeliveryTarget, upTo id: Int64) {
+        fresh.withLockedValue { $0.sent(target, upTo: id) }
+    }
+
+    /// Bytes of batches held in memory for the pump (for tests).
+    var freshBytes: Int { fresh.withLockedValue { $0.heldBytes } }
 
     /// A batch's bytes from a row with `payload`, `segment`, `segment_offset` and `length`.
     private func payload(_ row: Row) throws -> ByteBuffer {
@@ -348,7 +372,11 @@ final class Spool: Sendable {
                     return []
                 }
                 let log = self.log
+                var inserted: [SpooledDelivery] = []
+                var finished: [(id: Int64, target: DeliveryTarget)] = []
                 let result = try db.write { db -> (ids: [[Int64]], bytes: Int, backlog: [DeliveryTarget: Int], freed: [PayloadLocation]) in
+                    inserted = []
+                    finished = []
                     // The bytes first, durably; then the rows that point at them.
                     let logStart = ContinuousClock.now
                     let locations = payloads.isEmpty ? [] : try log.append(payloads)
@@ -377,7 +405,10 @@ final class Spool: Sendable {
                                 for d in destinations {
                                     try db.cachedStatement(sql: "INSERT INTO deliveries (batch_id, tenant, destination) VALUES (?, ?, ?)")
                                         .execute(arguments: [batchID, tenant, d])
-                                    backlog[DeliveryTarget(tenant: tenant, destination: d), default: 0] += 1
+                                    let target = DeliveryTarget(tenant: tenant, destination: d)
+                                    inserted.append(
+                                        SpooledDelivery(id: db.lastInsertedRowID, batchID: batchID, target: target, key: b.mpid, payload: b.bytes))
+                                    backlog[target, default: 0] += 1
                                 }
                             }
                             ids.append(these)
@@ -393,6 +424,7 @@ final class Spool: Sendable {
                                     bytes -= try Spool.finish(
                                         db, delivery: delivery, deadLetter: DeadLetter(reason: reason, attempts: 0), now: now, log: log,
                                         freed: &freed)?.bytes ?? 0
+                                    finished.append((delivery, target))
                                     backlog[target, default: 0] -= 1
                                 }
                             }
@@ -401,12 +433,17 @@ final class Spool: Sendable {
                                 let done = try Spool.finish(
                                     db, delivery: delivery, deadLetter: deadLetter, now: now, log: log, freed: &freed)
                             else { continue }  // already finished (a repeated ack)
+                            finished.append((delivery, done.target))
                             bytes -= done.bytes
                             // Replays made by `ingest dead-letters` are not counted in: never below 0.
                             backlog[done.target] = max(0, (backlog[done.target] ?? 0) - 1)
                         }
                     }
                     return (ids, bytes, backlog, freed)
+                }
+                fresh.withLockedValue { f in
+                    for d in inserted { f.inserted(d) }
+                    for d in finished { f.finished(d.id, target: d.target) }
                 }
                 let releaseStart = ContinuousClock.now
                 for location in result.freed { log.release(location) }

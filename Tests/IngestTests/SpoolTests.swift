@@ -274,3 +274,35 @@ final class SpoolTests: XCTestCase {
         XCTAssertEqual(again.map { String(buffer: $0.payload) }, ["{\"lost\":true}"])
     }
 }
+
+extension SpoolTests {
+    /// The pump reads just-spooled deliveries from memory: the same ids, keys and bytes as the
+    /// spool holds, and a delivery another process put back is still found.
+    func testThePumpsViewFromMemoryIsTheSpools() async throws {
+        let spool = try Spool(directory: dir, maxBytes: 1 << 20)
+        for i in 0..<5 {
+            _ = try await spool.append(tenant: "acme", destinations: ["a", "b"], batches: [batch("{\"n\":\(i)}", mpid: "m\(i)")])
+        }
+        func same(_ target: DeliveryTarget, after: Int64, _ message: String) throws {
+            let fromMemory = try spool.pending(target, after: after, limit: 3, fromMemory: true)
+            let fromSpool = try spool.pending(target, after: after, limit: 3)
+            XCTAssertEqual(fromMemory, fromSpool, message)
+        }
+        try same(a, after: 0, "before anything was sent")
+        let first = try spool.pending(a, after: 0, limit: 2)
+        spool.sent(a, upTo: first[1].id)
+        try same(a, after: first[1].id, "after the first two went")
+        try same(a, after: 0, "a reconnect starts over (from the spool)")
+        XCTAssertGreaterThan(spool.freshBytes, 0)
+
+        // The last of a's goes to a dead letter; `ingest dead-letters replay` (another process) puts it back.
+        let rest = try spool.pending(a, after: first[1].id, limit: 10)
+        spool.sent(a, upTo: rest.last!.id)
+        for d in rest { spool.complete(delivery: d.id, deadLetter: d == rest.last ? .init(reason: "x", attempts: 1) : nil) }
+        try await waitFor { spool.backlog[a] == nil }
+        XCTAssertEqual(try DeadLetterStore(spoolDirectory: dir).replay(.init(destination: "a")), 1)
+        _ = try await spool.append(tenant: "acme", destinations: ["a"], batches: [batch("{\"n\":5}")])
+        let next = try spool.pending(a, after: rest.last!.id, limit: 10, fromMemory: true)
+        XCTAssertEqual(next.map { String(buffer: $0.payload) }, ["{\"n\":4}", "{\"n\":5}"], "the replayed one is not skipped")
+    }
+}

@@ -1,0 +1,95 @@
+/// Deliveries this process has just spooled and not yet sent to the router, kept in memory so the
+/// pump sends them without reading them back from SQLite and the payload log (a query, a `pread`
+/// and a reader transaction per request; the readers also kept the checkpoint from rewinding the
+/// WAL). What is not here comes from the spool as before: after a reconnect or a refusal (the
+/// lane's cursor goes back), a destination that was evicted for room, deliveries put back by
+/// `ingest dead-letters replay` from another process.
+///
+/// The rule that makes it safe, per destination: every unfinished delivery with an id above the
+/// lane's `floor` is in `waiting`. So a lane whose cursor is at or above its floor is answered
+/// from memory alone; below it, from the spool.
+struct FreshDeliveries {
+    private struct Lane {
+        var floor: Int64
+        var waiting: [SpooledDelivery] = []
+        var bytes = 0
+    }
+
+    private var lanes: [DeliveryTarget: Lane] = [:]
+    /// The floor of a destination without a lane.
+    private var baseFloor: Int64
+    /// The last delivery id this process inserted. The next one must follow it: a gap means another
+    /// process inserted deliveries (a dead-letter replay), which are not here.
+    private var lastInserted: Int64
+    private var bytes = 0
+    let maxBytes: Int
+
+    /// `lastDeliveryID`: the highest delivery id the spool has ever handed out.
+    init(lastDeliveryID: Int64, maxBytes: Int = 8 << 20) {
+        baseFloor = lastDeliveryID
+        lastInserted = lastDeliveryID
+        self.maxBytes = maxBytes
+    }
+
+    var heldBytes: Int { bytes }
+
+    /// A delivery whose insert has committed (in id order).
+    mutating func inserted(_ delivery: SpooledDelivery) {
+        if delivery.id != lastInserted + 1 {
+            // Someone else's deliveries lie in between: from here on, only newer ones are known.
+            lanes = [:]
+            bytes = 0
+            baseFloor = delivery.id - 1
+        }
+        lastInserted = delivery.id
+        var lane = lanes[delivery.target] ?? Lane(floor: baseFloor)
+        guard delivery.id > lane.floor else { return }  // already sent (read from the spool first)
+        lane.waiting.append(delivery)
+        lane.bytes += delivery.payload.readableBytes
+        bytes += delivery.payload.readableBytes
+        lanes[delivery.target] = lane
+        while bytes > maxBytes, let largest = lanes.max(by: { $0.value.bytes < $1.value.bytes })?.key {
+            evictOldest(of: largest)
+        }
+    }
+
+    /// A delivery that is done (delivered or dead-lettered) must never be sent again.
+    mutating func finished(_ id: Int64, target: DeliveryTarget) {
+        guard var lane = lanes[target], let last = lane.waiting.last, id > lane.floor, id <= last.id,
+            let index = lane.waiting.firstIndex(where: { $0.id == id })
+        else { return }
+        let gone = lane.waiting.remove(at: index)
+        lane.bytes -= gone.payload.readableBytes
+        bytes -= gone.payload.readableBytes
+        lanes[target] = lane
+    }
+
+    /// Up to `limit` unfinished deliveries of `target` with an id above `after`, oldest first; nil
+    /// when memory cannot tell (read the spool).
+    func waiting(_ target: DeliveryTarget, after: Int64, limit: Int) -> [SpooledDelivery]? {
+        guard let lane = lanes[target] else { return after >= baseFloor ? [] : nil }
+        guard after >= lane.floor else { return nil }
+        return Array(lane.waiting.lazy.filter { $0.id > after }.prefix(limit))
+    }
+
+    /// Deliveries of `target` up to `id` went to the router (read from here or from the spool).
+    mutating func sent(_ target: DeliveryTarget, upTo id: Int64) {
+        var lane = lanes[target] ?? Lane(floor: baseFloor)
+        let done = lane.waiting.prefix { $0.id <= id }
+        let doneBytes = done.reduce(0) { $0 + $1.payload.readableBytes }
+        lane.waiting.removeFirst(done.count)
+        lane.bytes -= doneBytes
+        bytes -= doneBytes
+        lane.floor = max(lane.floor, id)
+        lanes[target] = lane
+    }
+
+    private mutating func evictOldest(of target: DeliveryTarget) {
+        guard var lane = lanes[target], !lane.waiting.isEmpty else { return }
+        let first = lane.waiting.removeFirst()
+        lane.bytes -= first.payload.readableBytes
+        bytes -= first.payload.readableBytes
+        lane.floor = first.id
+        lanes[target] = lane
+    }
+}
