@@ -25,7 +25,7 @@ final class FreshDeliveriesTests: XCTestCase {
         fresh.sent(a, upTo: 103)
         XCTAssertEqual(fresh.waiting(a, after: 103, limit: 10)?.map(\.id), [104])
         XCTAssertNil(fresh.waiting(a, after: 100, limit: 10), "a refusal sends again from the spool (the cursor went back)")
-        XCTAssertEqual(fresh.heldBytes, 20, "what was sent is let go")
+        XCTAssertEqual(fresh.heldBytes, 2 * FreshDeliveries.cost(delivery(0, a)), "what was sent is let go")
 
         fresh.finished(104, target: a)
         XCTAssertEqual(fresh.waiting(a, after: 103, limit: 10)?.map(\.id), [], "a finished delivery is never sent again")
@@ -52,12 +52,21 @@ final class FreshDeliveriesTests: XCTestCase {
     }
 
     func testMemoryIsBoundedByEvictingTheLargestLanesOldest() {
-        var fresh = FreshDeliveries(lastDeliveryID: 0, maxBytes: 100)
+        let unit = FreshDeliveries.cost(delivery(0, a, bytes: 20))
+        var fresh = FreshDeliveries(lastDeliveryID: 0, maxBytes: 5 * unit)
         for id in 1...8 { fresh.inserted(delivery(Int64(id), a, bytes: 20)) }  // a destination that is down
         fresh.inserted(delivery(9, b, bytes: 20))
-        XCTAssertLessThanOrEqual(fresh.heldBytes, 100)
+        XCTAssertLessThanOrEqual(fresh.heldBytes, 5 * unit)
         XCTAssertEqual(fresh.waiting(b, after: 0, limit: 10)?.map(\.id), [9], "the others keep their fresh deliveries")
         XCTAssertNil(fresh.waiting(a, after: 0, limit: 10), "the evicted ones come from the spool")
         XCTAssertEqual(fresh.waiting(a, after: 5, limit: 10)?.map(\.id), [6, 7, 8])
+    }
+
+    func testABatchIsCountedByTheStorageItKeepsAlive() {
+        var receive = ByteBuffer(repeating: 0x20, count: 64 << 10)  // a receive buffer
+        let batch = receive.readSlice(length: 11 << 10)!
+        var fresh = FreshDeliveries(lastDeliveryID: 0)
+        fresh.inserted(SpooledDelivery(id: 1, batchID: 1, target: a, key: nil, payload: batch))
+        XCTAssertGreaterThanOrEqual(fresh.heldBytes, 64 << 10)
     }
 }
