@@ -34,6 +34,34 @@ final class FrameCodecTests: XCTestCase {
         XCTAssertTrue(wire.contains("\"payload\":{\"environment\""), wire)
     }
 
+    /// What goes on the socket: the same bytes as `encode(into:)`, in one buffer per frame when its
+    /// payload is small, else the fields, the payload's own buffer (not copied) and the closing
+    /// brace — and each buffer sized for its frame, whatever came before (NIO's
+    /// `MessageToByteHandler` gave every queued frame a buffer as large as the largest one yet).
+    func testFrameWriterWritesTheEncodedBytesWithoutCopyingLargePayloads() throws {
+        let channel = EmbeddedChannel(handler: FrameWriter())
+        var large = sampleFrames()[1]
+        let message = ByteBuffer(string: "{\"s\":\"" + String(repeating: "0123456789", count: 300) + "\"}")
+        (large.payload, large.parts) = Frame.pack([(message, nil, "e1"), (message, "other", nil)])
+        let frames = sampleFrames() + [large, .ack(99)]
+        for frame in frames { channel.write(frame, promise: nil) }
+        channel.flush()
+        var written: [ByteBuffer] = []
+        while let buffer = try channel.readOutbound(as: ByteBuffer.self) { written.append(buffer) }
+        XCTAssertEqual(written.count, frames.count + 2)
+        var joined = ByteBuffer()
+        for var b in written { joined.writeBuffer(&b) }
+        XCTAssertEqual(joined, encoded(frames))
+        XCTAssertEqual(written[frames.count - 1].readableBytesView.first, large.payload!.readableBytesView.first)
+        XCTAssertEqual(written[frames.count - 1].readableBytes, large.payload!.readableBytes)
+        XCTAssertEqual(String(buffer: written[frames.count]), "}")
+        XCTAssertLessThan(written.last!.capacity, 1024, "an ack after a large frame gets a small buffer")
+        var decoded: [Frame] = []
+        while let f = try FrameDecoder().next(&joined) { decoded.append(f) }
+        XCTAssertEqual(decoded, frames)
+        XCTAssertTrue(try channel.finish().isClean)
+    }
+
     /// A forwarded payload is found by its structure, not parsed again: its bytes come out exactly
     /// as sent (strings holding brackets and escaped quotes included); a frame without a payload
     /// value is refused.

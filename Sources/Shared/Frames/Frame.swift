@@ -147,6 +147,18 @@ public enum FrameError: Error, Equatable, CustomStringConvertible, Sendable {
 extension Frame {
     /// Encodes the frame, length prefix included, onto `out`.
     public func encode(into out: inout ByteBuffer) {
+        encodeHead(into: &out)
+        if var payload {
+            out.writeBuffer(&payload)
+            out.writeInteger(UInt8(ascii: "}"))
+        }
+    }
+
+    /// Encodes all of the frame but its payload onto `out`: the length prefix (which counts the
+    /// payload and the closing brace after it) and every field up to `"payload":`, or the whole
+    /// frame when it has no payload. The sender then writes the payload as it is and `}`: a
+    /// batch's bytes are not copied into the frame (`FrameWriter`).
+    public func encodeHead(into out: inout ByteBuffer) {
         let lengthIndex = out.writerIndex
         out.writeInteger(UInt32(0))
         let start = out.writerIndex
@@ -200,15 +212,16 @@ extension Frame {
         if let retryable {
             if retryable { out.writeStaticString(",\"retryable\":true") } else { out.writeStaticString(",\"retryable\":false") }
         }
-        if var payload {
+        if let payload {
             // Its length first: the receiver steps over the payload instead of scanning it.
             out.writeStaticString(",\"payload_bytes\":")
             out.writeString(String(payload.readableBytes))
             out.writeStaticString(",\"payload\":")
-            out.writeBuffer(&payload)
+            out.setInteger(UInt32(out.writerIndex - start + payload.readableBytes + 1), at: lengthIndex)
+        } else {
+            out.writeInteger(UInt8(ascii: "}"))
+            out.setInteger(UInt32(out.writerIndex - start), at: lengthIndex)
         }
-        out.writeInteger(UInt8(ascii: "}"))
-        out.setInteger(UInt32(out.writerIndex - start), at: lengthIndex)
     }
 
     static let closingBrackets: [UInt8] = [UInt8(ascii: "}"), UInt8(ascii: "]")]

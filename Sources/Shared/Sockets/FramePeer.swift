@@ -159,7 +159,7 @@ extension Channel {
     /// Adds the frame codec to a new Unix-socket channel and wraps it for async use.
     func frameAsyncChannel(maximumFrameLength: Int) throws -> NIOAsyncChannel<Frame, Frame> {
         try pipeline.syncOperations.addHandler(ByteToMessageHandler(FrameDecoder(maximumFrameLength: maximumFrameLength)))
-        try pipeline.syncOperations.addHandler(MessageToByteHandler(FrameEncoder()))
+        try pipeline.syncOperations.addHandler(FrameWriter())
         return try NIOAsyncChannel<Frame, Frame>(wrappingChannelSynchronously: self)
     }
 }
