@@ -290,10 +290,12 @@ final class RouterLink: FrameConnectionHandler {
                         return frame
                     }
                     let current = state.withLockedValue { s -> Bool in
-                        guard s.peer == peer else { return false }
+                        // A refusal answered while this pass read the spool moved the cursor back:
+                        // sending now would move it forward past the refused deliveries, and they
+                        // would never be sent again on this connection. The next pass sends them.
+                        guard s.peer == peer, (s.lanes[target]?.cursor ?? 0) == cursor else { return false }
                         var lane = s.lanes[target] ?? Lane(window: window)
                         lane.cursor = deliveries.last!.id
-                        lane.pausedUntil = nil
                         for d in deliveries {
                             lane.inFlight.insert(d.id)
                             lane.inFlightBytes += d.payload.readableBytes
