@@ -212,6 +212,8 @@ final class Spool: Sendable {
     var isFull: Bool { state.withLockedValue { $0.refusing || $0.usedBytes >= maxBytes } }
     /// Destinations with deliveries waiting, and how many.
     var backlog: [DeliveryTarget: Int] { state.withLockedValue { $0.backlog.filter { $0.value > 0 } } }
+    /// Deliveries waiting for one destination.
+    func backlog(of target: DeliveryTarget) -> Int { state.withLockedValue { $0.backlog[target] ?? 0 } }
 
     /// Stores the batches durably, each with a delivery for every one of `destinations`, and
     /// returns the batch ids in order. Throws `Failure.full` when there is no room: nothing is
