@@ -66,27 +66,23 @@ final class RouterLink: FrameConnectionHandler {
         var pausedUntil: ContinuousClock.Instant?
         /// How many may be unfinished now, as TCP keeps its congestion window: halved when the
         /// router refuses one for lack of room, then grown by one per window's worth of acks
-        /// (below `threshold`, the size it was last cut to, by one per ack). Without it a
+        /// up to the link's `window`. Without it a
         /// destination kept its whole window in flight however full the router was: per event
         /// with 50 tenants at max load, a quarter of all deliveries sent were refused and read
         /// back from the spool to be sent again, and the churn took ingest's RSS from 45 to
         /// 65–115 MB.
         var window: Int
-        var threshold: Int
         var acked = 0
         /// When the window was last cut: the refusals of what was in flight then (the router
         /// refuses everything after a refused delivery until it comes again) arrive within the
         /// pause that follows, and count as one.
         var cutAt: ContinuousClock.Instant?
-        init(window: Int) {
-            self.window = window
-            threshold = window
-        }
+        init(window: Int) { self.window = window }
 
         mutating func grow(upTo limit: Int) {
             guard window < limit else { return }
             acked += 1
-            if window < threshold || acked >= window {
+            if acked >= window {
                 window += 1
                 acked = 0
             }
@@ -94,7 +90,6 @@ final class RouterLink: FrameConnectionHandler {
 
         mutating func cut() {
             window = max(1, window / 2)
-            threshold = window
             acked = 0
         }
     }
@@ -274,8 +269,8 @@ final class RouterLink: FrameConnectionHandler {
             // Destinations removed by a reload keep draining what the spool holds for them.
             let targets = all ? Set(tenants.targets).union(spool.backlog.keys) : dirty
             let digest = tenants.digest
-            // Lanes that sent: they may have more, so the next pass looks at them again.
-            var sentOn: [DeliveryTarget] = []
+            // Lanes that sent (they may have more) or whose read raced: the next pass looks again.
+            var lookAgain: [DeliveryTarget] = []
             for target in targets {
                 let waiting = spool.backlog(of: target)
                 let plan = state.withLockedValue { s -> (FramePeer, Int64, Int)? in
@@ -331,18 +326,19 @@ final class RouterLink: FrameConnectionHandler {
                         spool.sent(target, upTo: deliveries.last!.id)
                         metrics.deliveriesSent.increment(by: Int64(frames.count))
                         peer.send(contentsOf: frames)
-                        sentOn.append(target)
+                        lookAgain.append(target)
                     }
                 } catch PayloadLog.Failure.missing(let location) {
                     // A delivery of this read finished meanwhile and its segment went: the next
-                    // pass (the next answer, append or the idle pump) reads the rows again without it.
+                    // pass reads the rows again, without it.
                     logger.debug("spool read raced a finished delivery", metadata: ["segment": "\(location.segment)"])
+                    lookAgain.append(target)
                 } catch {
                     logger.error("cannot read the spool", metadata: ["error": "\(error)"])
                 }
             }
             let again = state.withLockedValue { s -> Bool in
-                s.dirty.formUnion(sentOn)
+                s.dirty.formUnion(lookAgain)
                 if s.allDirty || !s.dirty.isEmpty { return true }
                 s.pumping = false
                 return false
