@@ -68,6 +68,7 @@ let package = Package(
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "CompressNIO", package: "compress-nio"),
                 .product(name: "GRDB", package: "GRDB.swift"),
+                .product(name: "NIOPosix", package: "swift-nio"),
             ]
         ),
         // What both output processes share: handing messages to Kafka and answering the router.
@@ -79,8 +80,14 @@ let package = Package(
                 .product(name: "NIOCore", package: "swift-nio"),
             ]
         ),
-        .executableTarget(name: "router", dependencies: ["Shared", "Observability"]),
-        .executableTarget(name: "kafka-out", dependencies: ["Shared", "KafkaClient", "Outputs", "Observability"]),
+        .executableTarget(
+            name: "router",
+            dependencies: [
+                "Shared", "Observability", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
+            ]),
+        .executableTarget(
+            name: "kafka-out",
+            dependencies: ["Shared", "KafkaClient", "Outputs", "Observability", .product(name: "NIOPosix", package: "swift-nio")]),
         .executableTarget(
             name: "keen-out",
             dependencies: ["Shared", "KafkaClient", "Outputs", "CCurl", "Observability", .product(name: "NIOCore", package: "swift-nio")]),
@@ -103,6 +110,7 @@ let package = Package(
             name: "IngestTests",
             dependencies: [
                 "ingest", "Shared",
+                .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "HummingbirdTesting", package: "hummingbird"),
                 .product(name: "CompressNIO", package: "compress-nio"),
             ]

@@ -2,12 +2,14 @@ import CompressNIO
 import Hummingbird
 import Logging
 import NIOCore
+import NIOPosix
 import Observability
 import Shared
 
 /// Builds ingest's HTTP application. `IngestCommand` runs it; tests drive the same one.
 func buildApplication(
-    config: SluiceConfig, tenants: Tenants? = nil, sink: some BatchSink, logger: Logger
+    config: SluiceConfig, tenants: Tenants? = nil, sink: some BatchSink, eventLoopGroup: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
+    logger: Logger
 ) -> some ApplicationProtocol {
     let router = Router()
     let api = IngestAPI(tenants: tenants ?? Tenants(config), settings: config.ingest, sink: sink, logger: logger)
@@ -26,6 +28,7 @@ func buildApplication(
         // A connection that sends nothing for 30 s is closed (slow or stuck clients hold no resources).
         server: .http1(configuration: .init(idleTimeout: .seconds(30))),
         configuration: .init(address: .hostname(config.ingest.host, port: config.ingest.port), serverName: "sluice-ingest"),
+        eventLoopGroupProvider: .shared(eventLoopGroup),
         logger: logger)
 }
 

@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import Hummingbird
 import Logging
+import NIOPosix
 import Observability
 import ServiceLifecycle
 import Shared
@@ -47,7 +48,11 @@ struct Serve: AsyncParsableCommand {
             metadata: ["spool.path": "\(spool.path)", "spool.batches": "\(spool.count)", "spool.bytes": "\(spool.usedBytes)"])
         let tenants = Tenants(
             config, digest: FileManager.default.contents(atPath: options.config).map(ConfigWatcher.digest))
-        let link = RouterLink(spool: spool, tenants: tenants, logger: logger)
+        // HTTP connections, their handlers and the router connection share one event loop: a
+        // request, its spool append's completion and the frames it causes wake no other thread
+        // but the spool's writer.
+        let executor = EventLoopTaskExecutor(MultiThreadedEventLoopGroup.singleton.next())
+        let link = RouterLink(spool: spool, tenants: tenants, loop: executor.loop, logger: logger)
         let metrics = IngestMetrics.shared
         Metrics.onScrape {
             metrics.spoolBytes.set(Double(spool.usedBytes))
@@ -74,10 +79,10 @@ struct Serve: AsyncParsableCommand {
         defer { idlePump.cancel() }
         let client = FrameClient(
             path: options.routerSocketPath, role: .ingest, instance: "ingest-\(ProcessInfo.processInfo.processIdentifier)",
-            handler: link, logger: logger)
+            handler: link, executor: executor, logger: logger)
         let app = buildApplication(
             config: config, tenants: tenants, sink: SpoolingSink(spool: spool, link: link, tenants: tenants, logger: logger),
-            logger: logger)
+            eventLoopGroup: executor.loop, logger: logger)
         // Shutdown runs in reverse: HTTP stops accepting, then in-flight deliveries get up to 10 s
         // for their acks, then the router connection closes. What is unanswered stays in the spool.
         let drain = DrainOnShutdown(link: link, bound: .seconds(10), logger: logger)
@@ -85,7 +90,9 @@ struct Serve: AsyncParsableCommand {
             configuration: .init(
                 services: [.init(service: client), .init(service: drain), .init(service: watcher), .init(service: app)],
                 gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
-        try await group.run()
+        // Child tasks inherit the preference: HTTP handlers and the router link's reader run on
+        // the loop their channels use.
+        try await withTaskExecutorPreference(executor) { try await group.run() }
     }
 }
 

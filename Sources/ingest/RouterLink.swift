@@ -115,12 +115,19 @@ final class RouterLink: FrameConnectionHandler {
     private let windowBytes: Int
     private let logger: Logger
     private let metrics = IngestMetrics.shared
+    /// Where passes that send from memory run: the loop of the router connection and the HTTP
+    /// handlers, which appends and acks already woke (nil: the pump's queue). Passes that read
+    /// the spool always run on the pump's queue.
+    private let loop: EventLoop?
 
-    init(spool: Spool, tenants: Tenants, window: Int = 64, windowBytes: Int = 4 << 20, logger: Logger) {
+    init(
+        spool: Spool, tenants: Tenants, window: Int = 64, windowBytes: Int = 4 << 20, loop: EventLoop? = nil, logger: Logger
+    ) {
         self.spool = spool
         self.tenants = tenants
         self.window = window
         self.windowBytes = windowBytes
+        self.loop = loop
         self.logger = logger
     }
 
@@ -238,14 +245,18 @@ final class RouterLink: FrameConnectionHandler {
     }
 
     private func schedulePump(_ mark: (inout State) -> Void) {
-        let start = state.withLockedValue { s -> Bool in
+        let start = state.withLockedValue { s -> (Bool, full: Bool) in
             mark(&s)
-            if s.pumping { return false }
+            if s.pumping { return (false, false) }
             s.pumping = true
-            return true
+            return (true, s.fullPump)
         }
-        guard start else { return }
-        pumpQueue.async { self.pumpPasses() }
+        guard start.0 else { return }
+        if let loop, !start.full {
+            loop.execute { self.pumpPasses(onLoop: true) }
+        } else {
+            pumpQueue.async { self.pumpPasses(onLoop: false) }
+        }
     }
 
     private let pumpQueue = DispatchQueue(label: "sluice.ingest.pump")
@@ -256,8 +267,14 @@ final class RouterLink: FrameConnectionHandler {
     /// A destination's window now (for tests).
     func window(of target: DeliveryTarget) -> Int { state.withLockedValue { $0.lanes[target]?.window ?? window } }
 
-    private func pumpPasses() {
+    private func pumpPasses(onLoop: Bool) {
         while true {
+            let handOff = state.withLockedValue { s in onLoop && s.fullPump }
+            if handOff {
+                // A full pass reads the spool: not on the loop. Still one pass at a time.
+                pumpQueue.async { self.pumpPasses(onLoop: false) }
+                return
+            }
             let (all, dirty, full) = state.withLockedValue { s -> (Bool, Set<DeliveryTarget>, Bool) in
                 defer {
                     s.allDirty = false

@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import KafkaClient
 import Logging
+import NIOPosix
 import Observability
 import ServiceLifecycle
 import Shared
@@ -43,7 +44,7 @@ struct Run: AsyncParsableCommand {
         let client = FrameClient(
             path: options.routerSocketPath, role: .kafkaOut,
             instance: instance ?? "kafka-out-\(ProcessInfo.processInfo.processIdentifier)",
-            handler: publisher, logger: logger)
+            handler: publisher, executor: EventLoopTaskExecutor(MultiThreadedEventLoopGroup.singleton.next()), logger: logger)
         var services: [ServiceGroupConfiguration.ServiceConfiguration] = [.init(service: client), .init(service: publisher)]
         if let metricsListen {
             services.append(.init(service: try metricsListener(address: metricsListen, process: "kafka-out", logger: logger)))

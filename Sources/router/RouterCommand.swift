@@ -1,5 +1,6 @@
 import ArgumentParser
 import Logging
+import NIOPosix
 import Observability
 import ServiceLifecycle
 import Shared
@@ -35,7 +36,8 @@ struct RouterCommand: AsyncParsableCommand {
         }
         let logger = try options.start(process: "router")
         let config = try options.loadConfig(logger: logger)
-        let core = RouterCore(config: config, logger: logger)
+        let executor = EventLoopTaskExecutor(MultiThreadedEventLoopGroup.singleton.next())
+        let core = RouterCore(config: config, logger: logger, loop: executor.loop)
         let watcher = ConfigWatcher(path: options.config, initial: config, logger: logger) { config, _ in
             await core.apply(config)
         } observe: { applied in
@@ -43,7 +45,7 @@ struct RouterCommand: AsyncParsableCommand {
         }
         await core.setRefresh { await watcher.reload(reason: "unknown destination", force: false) }
         let server = FrameServer(
-            path: options.routerSocketPath, handler: RouterHandler(core: core, watcher: watcher), logger: logger)
+            path: options.routerSocketPath, handler: RouterHandler(core: core, watcher: watcher), executor: executor, logger: logger)
         var services: [ServiceGroupConfiguration.ServiceConfiguration] = [.init(service: server), .init(service: watcher)]
         if let metricsListen {
             services.append(.init(service: try metricsListener(address: metricsListen, process: "router", logger: logger)))

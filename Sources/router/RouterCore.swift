@@ -1,6 +1,7 @@
 import Foundation
 import Logging
 import NIOCore
+import NIOPosix
 import Shared
 
 /// The router's state: the routes of the running config, live output instances, work in flight,
@@ -109,8 +110,18 @@ actor RouterCore {
     static let maxWorkBytes = 1 << 20
     static let maxWorkMessages = 500
 
-    init(config: SluiceConfig, logger: Logger, maxBacklog: Int = 50_000, maxBacklogBytes: Int = 8 << 20) {
+    /// The router's state lives on one event loop: the one its frame connections and their
+    /// readers run on (`EventLoopTaskExecutor`), so a frame reaches the core, and its answer the
+    /// socket, without waking another thread.
+    nonisolated let loop: EventLoop
+    nonisolated var unownedExecutor: UnownedSerialExecutor { loop.executor.asUnownedSerialExecutor() }
+
+    init(
+        config: SluiceConfig, logger: Logger, maxBacklog: Int = 50_000, maxBacklogBytes: Int = 8 << 20,
+        loop: EventLoop = MultiThreadedEventLoopGroup.singleton.next()
+    ) {
         self.logger = logger
+        self.loop = loop
         self.maxBacklog = maxBacklog
         self.maxBacklogBytes = maxBacklogBytes
         // An actor's init cannot call its methods; `install` is written for both uses.

@@ -1,6 +1,7 @@
 import Foundation
 import Logging
 import NIOCore
+import NIOPosix
 import XCTest
 
 @testable import Shared
@@ -15,7 +16,7 @@ final class RouterLinkTests: XCTestCase {
 
     let target = DeliveryTarget(tenant: "acme", destination: "main")
 
-    func makeLink(window: Int) throws -> (Spool, RouterLink) {
+    func makeLink(window: Int, loop: EventLoop? = nil) throws -> (Spool, RouterLink) {
         let config = try SluiceConfig.parse(
             yaml: """
                 tenants:
@@ -26,7 +27,7 @@ final class RouterLinkTests: XCTestCase {
                       main: {kind: kafka, bootstrap_servers: dev, plaintext: true, topic: t}
                 """)
         let spool = try Spool(directory: dir, maxBytes: 1 << 24)
-        let link = RouterLink(spool: spool, tenants: Tenants(config), window: window, logger: Logger(label: "test"))
+        let link = RouterLink(spool: spool, tenants: Tenants(config), window: window, loop: loop, logger: Logger(label: "test"))
         return (spool, link)
     }
 
@@ -44,7 +45,16 @@ final class RouterLinkTests: XCTestCase {
     /// was in flight (the router refuses everything after the refused delivery), the destination
     /// pauses, then sends again from the refused one with the smaller window; acks grow it back.
     func testRefusalsShrinkTheWindowAndAcksGrowIt() async throws {
-        let (spool, link) = try makeLink(window: 8)
+        try await refusalsShrinkTheWindowAndAcksGrowIt(loop: nil)
+    }
+
+    /// The same with passes that send from memory running on an event loop (as in ingest).
+    func testRefusalsShrinkTheWindowAndAcksGrowItWithPassesOnALoop() async throws {
+        try await refusalsShrinkTheWindowAndAcksGrowIt(loop: MultiThreadedEventLoopGroup.singleton.next())
+    }
+
+    func refusalsShrinkTheWindowAndAcksGrowIt(loop: EventLoop?) async throws {
+        let (spool, link) = try makeLink(window: 8, loop: loop)
         for i in 0..<80 {
             _ = try await spool.append(
                 tenant: "acme", destinations: ["main"],

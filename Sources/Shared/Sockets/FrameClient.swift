@@ -11,17 +11,21 @@ public struct FrameClient<Handler: FrameConnectionHandler>: Service {
     public let instance: String
     public let handler: Handler
     public let maximumFrameLength: Int
+    /// When set, the connection's channel and its reader run on this one loop (see
+    /// `EventLoopTaskExecutor`).
+    public let executor: EventLoopTaskExecutor?
     let logger: Logger
 
     public init(
         path: String, role: PeerRole, instance: String, handler: Handler,
-        maximumFrameLength: Int = defaultMaximumFrameLength, logger: Logger
+        maximumFrameLength: Int = defaultMaximumFrameLength, executor: EventLoopTaskExecutor? = nil, logger: Logger
     ) {
         self.path = path
         self.role = role
         self.instance = instance
         self.handler = handler
         self.maximumFrameLength = maximumFrameLength
+        self.executor = executor
         self.logger = logger
     }
 
@@ -37,9 +41,10 @@ public struct FrameClient<Handler: FrameConnectionHandler>: Service {
         var delay = Duration.milliseconds(100)
         var lastFailure = ""
         let maximumFrameLength = self.maximumFrameLength
+        let group: any EventLoopGroup = executor?.loop ?? MultiThreadedEventLoopGroup.singleton
         while !Task.isCancelled {
             do {
-                let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+                let channel = try await ClientBootstrap(group: group)
                     .connect(unixDomainSocketPath: path) { channel in
                         channel.eventLoop.makeCompletedFuture {
                             try channel.frameAsyncChannel(maximumFrameLength: maximumFrameLength)
@@ -50,7 +55,9 @@ public struct FrameClient<Handler: FrameConnectionHandler>: Service {
                 logger.info("connected", metadata: ["socket.path": "\(path)"])
                 let peer = FramePeer()
                 peer.send(.hello(role: role, instance: instance))
-                await runFrameConnection(channel, peer: peer, handler: handler, logger: logger)
+                await withTaskExecutorPreference(executor) {
+                    await runFrameConnection(channel, peer: peer, handler: handler, logger: logger)
+                }
                 logger.warning("connection lost, reconnecting", metadata: ["socket.path": "\(path)"])
             } catch {
                 let text = "\(error)"
