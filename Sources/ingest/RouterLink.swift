@@ -115,9 +115,10 @@ final class RouterLink: FrameConnectionHandler {
     private let windowBytes: Int
     private let logger: Logger
     private let metrics = IngestMetrics.shared
-    /// Where passes that send from memory run: the loop of the router connection and the HTTP
-    /// handlers, which appends and acks already woke (nil: the pump's queue). Passes that read
-    /// the spool always run on the pump's queue.
+    /// Where passes run (nil: the pump's queue): the loop of the router connection and the HTTP
+    /// handlers, which appends and acks already woke. Full passes, which read the spool for every
+    /// lane, run on the pump's queue; a pass on the loop reads it only for a lane below its
+    /// in-memory floor (after a refusal, a reconnect or an eviction).
     private let loop: EventLoop?
 
     init(
@@ -229,9 +230,8 @@ final class RouterLink: FrameConnectionHandler {
     /// or an answer pumps only its own destination (`pump(_:)`): a pass over every destination
     /// for each of them was 8% of ingest's CPU per event with 50 tenants.
     ///
-    /// Never blocks the caller: the work (spool reads) runs on a queue of its own, one pass at a
-    /// time, so the request handlers' threads (Swift's cooperative pool has one per core) are never
-    /// held by it.
+    /// Never blocks the caller: the pass runs later, one at a time — on the loop when one is given,
+    /// full passes (which read the spool for every lane) always on a queue of their own.
     func pump(full: Bool = false) {
         schedulePump { s in
             s.allDirty = true
