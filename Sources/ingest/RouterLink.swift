@@ -245,14 +245,14 @@ final class RouterLink: FrameConnectionHandler {
     }
 
     private func schedulePump(_ mark: (inout State) -> Void) {
-        let start = state.withLockedValue { s -> (Bool, full: Bool) in
+        let start = state.withLockedValue { s -> Bool in
             mark(&s)
-            if s.pumping { return (false, false) }
+            if s.pumping { return false }
             s.pumping = true
-            return (true, s.fullPump)
+            return true
         }
-        guard start.0 else { return }
-        if let loop, !start.full {
+        guard start else { return }
+        if let loop {
             loop.execute { self.pumpPasses(onLoop: true) }
         } else {
             pumpQueue.async { self.pumpPasses(onLoop: false) }
@@ -269,19 +269,20 @@ final class RouterLink: FrameConnectionHandler {
 
     private func pumpPasses(onLoop: Bool) {
         while true {
-            let handOff = state.withLockedValue { s in onLoop && s.fullPump }
-            if handOff {
-                // A full pass reads the spool: not on the loop. Still one pass at a time.
-                pumpQueue.async { self.pumpPasses(onLoop: false) }
-                return
-            }
-            let (all, dirty, full) = state.withLockedValue { s -> (Bool, Set<DeliveryTarget>, Bool) in
+            let pass = state.withLockedValue { s -> (all: Bool, dirty: Set<DeliveryTarget>, full: Bool)? in
+                // A full pass reads the spool for every lane: not on the loop.
+                if onLoop && s.fullPump { return nil }
                 defer {
                     s.allDirty = false
                     s.dirty = []
                     s.fullPump = false
                 }
                 return (s.allDirty, s.dirty, s.fullPump)
+            }
+            guard let (all, dirty, full) = pass else {
+                // Still one pass at a time: `pumping` stays set, the queue takes over.
+                pumpQueue.async { self.pumpPasses(onLoop: false) }
+                return
             }
             // Destinations removed by a reload keep draining what the spool holds for them.
             let targets = all ? Set(tenants.targets).union(spool.backlog.keys) : dirty
