@@ -68,31 +68,47 @@ public final class KafkaProducer: @unchecked Sendable {
         topic: String, key: UnsafeRawBufferPointer?, value: UnsafeRawBufferPointer,
         headers: [(name: String, value: String)] = [], id: UInt64
     ) throws(KafkaError) {
-        let rkt = try topicHandle(topic)
-        let count = 5 + headers.count
-        var vus = [rd_kafka_vu_t](repeating: rd_kafka_vu_t(), count: count)
-        let err: OpaquePointer? = withCStrings(headers.map(\.name)) { names in
-            withCStrings(headers.map(\.value)) { values in
-                vus[0].vtype = RD_KAFKA_VTYPE_RKT
-                vus[0].u.rkt = rkt
-                vus[1].vtype = RD_KAFKA_VTYPE_VALUE
-                vus[1].u.mem.ptr = UnsafeMutableRawPointer(mutating: value.baseAddress)
-                vus[1].u.mem.size = value.count
-                vus[2].vtype = RD_KAFKA_VTYPE_KEY
-                vus[2].u.mem.ptr = key.flatMap { UnsafeMutableRawPointer(mutating: $0.baseAddress) }
-                vus[2].u.mem.size = key?.count ?? 0
-                vus[3].vtype = RD_KAFKA_VTYPE_OPAQUE
-                vus[3].u.ptr = UnsafeMutableRawPointer(bitPattern: UInt(id))
-                vus[4].vtype = RD_KAFKA_VTYPE_MSGFLAGS
-                vus[4].u.i = RD_KAFKA_MSG_F_COPY
-                for i in 0..<headers.count {
-                    vus[5 + i].vtype = RD_KAFKA_VTYPE_HEADER
-                    vus[5 + i].u.header.name = names[i]
-                    vus[5 + i].u.header.val = UnsafeRawPointer(values[i])
-                    vus[5 + i].u.header.size = strlen(values[i]!)
-                }
-                return rd_kafka_produceva(handle, &vus, count)
+        try produce(topic: self.topic(topic), key: key, value: value, headers: KafkaHeaders(headers), id: id)
+    }
+
+    /// Hands one message to librdkafka (copied), with `headers` and, when given, one more header
+    /// (`extra`: a NUL-terminated name and the value's bytes) — without allocating: the path every
+    /// message of a frame takes. Throws `_QUEUE_FULL` (retriable) when librdkafka's queue is full.
+    public func produce(
+        topic: KafkaTopic, key: UnsafeRawBufferPointer?, value: UnsafeRawBufferPointer, headers: KafkaHeaders,
+        extra: (name: UnsafePointer<CChar>, value: UnsafeRawBufferPointer)? = nil, id: UInt64
+    ) throws(KafkaError) {
+        let count = 5 + headers.count + (extra == nil ? 0 : 1)
+        let err: OpaquePointer? = withUnsafeTemporaryAllocation(of: rd_kafka_vu_t.self, capacity: count) { vus in
+            vus.initialize(repeating: rd_kafka_vu_t())
+            vus[0].vtype = RD_KAFKA_VTYPE_RKT
+            vus[0].u.rkt = topic.handle
+            vus[1].vtype = RD_KAFKA_VTYPE_VALUE
+            vus[1].u.mem.ptr = UnsafeMutableRawPointer(mutating: value.baseAddress)
+            vus[1].u.mem.size = value.count
+            vus[2].vtype = RD_KAFKA_VTYPE_KEY
+            vus[2].u.mem.ptr = key.flatMap { UnsafeMutableRawPointer(mutating: $0.baseAddress) }
+            vus[2].u.mem.size = key?.count ?? 0
+            vus[3].vtype = RD_KAFKA_VTYPE_OPAQUE
+            vus[3].u.ptr = UnsafeMutableRawPointer(bitPattern: UInt(id))
+            vus[4].vtype = RD_KAFKA_VTYPE_MSGFLAGS
+            vus[4].u.i = RD_KAFKA_MSG_F_COPY
+            var n = 5
+            for i in 0..<headers.count {
+                vus[n].vtype = RD_KAFKA_VTYPE_HEADER
+                vus[n].u.header.name = UnsafePointer(headers.names[i])
+                vus[n].u.header.val = UnsafeRawPointer(headers.values[i])
+                vus[n].u.header.size = headers.sizes[i]
+                n += 1
             }
+            if let extra {
+                vus[n].vtype = RD_KAFKA_VTYPE_HEADER
+                vus[n].u.header.name = extra.name
+                // librdkafka reads `size` bytes; a null value pointer would mean a null header.
+                vus[n].u.header.val = extra.value.baseAddress ?? UnsafeRawPointer(extra.name)
+                vus[n].u.header.size = extra.value.count
+            }
+            return rd_kafka_produceva(handle, vus.baseAddress, count)
         }
         if let err {
             let code = rd_kafka_error_code(err)
@@ -103,23 +119,24 @@ public final class KafkaProducer: @unchecked Sendable {
         }
     }
 
+    /// The topic `name` of this producer (created on first use, kept while the producer lives).
+    public func topic(_ name: String) throws(KafkaError) -> KafkaTopic {
+        lock.lock()
+        defer { lock.unlock() }
+        if let t = topics[name] { return KafkaTopic(handle: t) }
+        guard let t = rd_kafka_topic_new(handle, name, nil) else {
+            throw KafkaError(rd_kafka_last_error(), message: "cannot use topic '\(name)'")
+        }
+        topics[name] = t
+        return KafkaTopic(handle: t)
+    }
+
     /// Waits (blocking this thread) until everything handed over is delivered or `timeout` passes.
     /// Returns the number of messages still outstanding.
     @discardableResult
     public func flush(timeout: Duration) -> Int {
         _ = rd_kafka_flush(handle, Int32(ProducerConfiguration.milliseconds(timeout)) ?? 0)
         return outstanding
-    }
-
-    private func topicHandle(_ name: String) throws(KafkaError) -> OpaquePointer {
-        lock.lock()
-        defer { lock.unlock() }
-        if let t = topics[name] { return t }
-        guard let t = rd_kafka_topic_new(handle, name, nil) else {
-            throw KafkaError(rd_kafka_last_error(), message: "cannot use topic '\(name)'")
-        }
-        topics[name] = t
-        return t
     }
 }
 
@@ -220,9 +237,36 @@ final class EventQueue: @unchecked Sendable {
     }
 }
 
-/// Runs `body` with C strings for each element (valid only inside `body`).
-func withCStrings<R>(_ strings: [String], _ body: ([UnsafePointer<CChar>?]) -> R) -> R {
-    let copies = strings.map { strdup($0) }
-    defer { copies.forEach { free($0) } }
-    return body(copies.map { UnsafePointer($0) })
+/// A topic of one producer (librdkafka's handle, valid while the producer lives), looked up once
+/// for many messages.
+public struct KafkaTopic: @unchecked Sendable {
+    let handle: OpaquePointer
+}
+
+/// Message headers as C strings, made once and used for every message of a frame.
+public final class KafkaHeaders: @unchecked Sendable {
+    let names: [UnsafeMutablePointer<CChar>]
+    let values: [UnsafeMutablePointer<CChar>]
+    let sizes: [Int]
+    public var count: Int { names.count }
+
+    public init(_ headers: [(name: String, value: String)]) {
+        names = headers.map { Self.copy($0.name) }
+        values = headers.map { Self.copy($0.value) }
+        sizes = headers.map { $0.value.utf8.count }
+    }
+
+    /// The string's bytes (all of them, even after a NUL) and a terminating NUL.
+    private static func copy(_ text: String) -> UnsafeMutablePointer<CChar> {
+        let bytes = Array(text.utf8)
+        let out = UnsafeMutablePointer<CChar>.allocate(capacity: bytes.count + 1)
+        for (i, b) in bytes.enumerated() { out[i] = CChar(bitPattern: b) }
+        out[bytes.count] = 0
+        return out
+    }
+
+    deinit {
+        names.forEach { $0.deallocate() }
+        values.forEach { $0.deallocate() }
+    }
 }

@@ -2,21 +2,76 @@ import Foundation
 import Logging
 
 /// The producers of an output process, shared by every destination on the same cluster and
-/// credentials, and the messages they have in flight. Both outputs (kafka-out, keen-out) use it:
-/// a message is handed over with a `Context` (who is waiting for it), and each outcome comes back
-/// with that context once Kafka confirmed it or gave up.
+/// credentials, and the messages they have in flight. Both outputs (kafka-out, keen-out) use it.
+/// Messages are handed over in groups (a frame's messages), each group with a `Context` (who is
+/// waiting for it): the group's outcome comes back once, with that context, when Kafka confirmed
+/// or gave up on every one of its messages. A message's librdkafka id is its group's number and
+/// its index in the group, so the pool keeps one entry per group, not one per message.
 public final class ProducerPool<Context: Sendable>: @unchecked Sendable {
     public struct Outcome: Sendable {
         public var context: Context
-        /// nil: delivered (acks=all).
-        public var error: KafkaError?
+        /// How many messages the group had.
+        public var count: Int
+        /// The messages that failed (index in the group, error), in index order; empty: every
+        /// message was delivered (acks=all).
+        public var failures: [(index: Int, error: KafkaError)]
+    }
+
+    /// A group of messages being handed over: gives each message its id.
+    public struct Group: Sendable {
+        public let number: UInt64
+        public let count: Int
+        /// The id to produce message `index` of this group with.
+        public func id(_ index: Int) -> UInt64 { number << ProducerPool.indexBits | UInt64(index) }
+    }
+
+    /// Largest number of messages in one group.
+    public static var maxGroupSize: Int { 1 << indexBits }
+    static var indexBits: UInt64 { 20 }
+
+    /// A group's messages still in flight. Not generic (the context is kept apart), so the
+    /// per-message work does not pay for generic metadata.
+    private struct Pending {
+        var producer: ObjectIdentifier
+        var count: Int
+        var remaining: Int
+        /// One bit per message: settled (delivered or failed).
+        var settled: [UInt64]
+        var failures: [(index: Int, error: KafkaError)] = []
+
+        init(producer: ObjectIdentifier, count: Int) {
+            self.producer = producer
+            self.count = count
+            remaining = count
+            settled = [UInt64](repeating: 0, count: (count + 63) / 64)
+        }
+
+        /// Records message `index`'s outcome; false when it was settled already.
+        mutating func settle(_ index: Int, error: KafkaError?) -> Bool {
+            guard index < count else { return false }
+            let bit: UInt64 = 1 << UInt64(index % 64)
+            guard settled[index / 64] & bit == 0 else { return false }
+            settled[index / 64] |= bit
+            remaining -= 1
+            if let error { failures.append((index, error)) }
+            return true
+        }
+
+        /// `settle`, then whether every message is settled.
+        mutating func settleReturningDone(_ index: Int, error: KafkaError?) -> Bool {
+            _ = settle(index, error: error)
+            return remaining == 0
+        }
+
+        var unsettled: [Int] { (0..<count).filter { settled[$0 / 64] & (1 << UInt64($0 % 64)) == 0 } }
     }
 
     private let lock = NSLock()
     private var producers: [ProducerConfiguration: KafkaProducer] = [:]
     private var statistics: [ObjectIdentifier: ProducerStatistics] = [:]
-    private var inFlight: [UInt64: (context: Context, producer: ObjectIdentifier)] = [:]
-    private var nextID: UInt64 = 1
+    private var pending: [UInt64: Pending] = [:]
+    private var contexts: [UInt64: Context] = [:]
+    private var nextGroup: UInt64 = 1
     private let logger: Logger
     private let onOutcomes: @Sendable ([Outcome]) -> Void
     private let onStatistics: @Sendable (_ all: [ProducerStatistics]) -> Void
@@ -68,12 +123,12 @@ public final class ProducerPool<Context: Sendable>: @unchecked Sendable {
                 // answered now, as retryable, and goes out again through the new one.
                 let id = ObjectIdentifier(old)
                 statistics[id] = nil
-                for (key, entry) in inFlight where entry.producer == id {
-                    inFlight[key] = nil
-                    orphaned.append(
-                        Outcome(
-                            context: entry.context,
-                            error: KafkaError(code: error.code, name: error.name, message: error.message, isRetriable: true)))
+                for (number, group) in pending where group.producer == id {
+                    pending[number] = nil
+                    guard let context = contexts.removeValue(forKey: number) else { continue }
+                    let retry = KafkaError(code: error.code, name: error.name, message: error.message, isRetriable: true)
+                    let failures = (group.failures + group.unsettled.map { ($0, retry) }).sorted { $0.index < $1.index }
+                    orphaned.append(Outcome(context: context, count: group.count, failures: failures))
                 }
             }
             producers[configuration] = producer
@@ -83,30 +138,35 @@ public final class ProducerPool<Context: Sendable>: @unchecked Sendable {
         return chosen
     }
 
-    /// Hands one message to `producer`. Throws what librdkafka refused (`_QUEUE_FULL`: wait and
-    /// call again); nothing is then in flight for it.
-    public func produce(
-        _ producer: KafkaProducer, topic: String, key: UnsafeRawBufferPointer?, value: UnsafeRawBufferPointer,
-        headers: [(name: String, value: String)], context: Context
-    ) throws(KafkaError) {
-        let id = lock.withLock {
-            let id = nextID
-            nextID += 1
-            inFlight[id] = (context, ObjectIdentifier(producer))
-            return id
-        }
-        do {
-            try producer.produce(topic: topic, key: key, value: value, headers: headers, id: id)
-        } catch {
-            lock.withLock { _ = inFlight.removeValue(forKey: id) }
-            throw error
+    /// Starts a group of `count` messages for `producer`, answered with `context` once all are
+    /// settled. Hand each message to the producer with `group.id(index)`; settle those it refuses
+    /// with `refused`.
+    public func begin(_ producer: KafkaProducer, count: Int, context: Context) -> Group {
+        precondition(count > 0 && count <= Self.maxGroupSize, "a group has 1...\(Self.maxGroupSize) messages")
+        return lock.withLock {
+            let number = nextGroup
+            nextGroup += 1
+            pending[number] = Pending(producer: ObjectIdentifier(producer), count: count)
+            contexts[number] = context
+            return Group(number: number, count: count)
         }
     }
 
-    /// Forgets the contexts that match (their outcomes are no longer wanted, e.g. the router
-    /// connection they came from is gone).
+    /// Message `index` of `group` was refused by librdkafka (not `_QUEUE_FULL`, which is retried):
+    /// it is settled as failed.
+    public func refused(_ group: Group, index: Int, error: KafkaError) {
+        settle([(group.id(index), error)])
+    }
+
+    /// Forgets the groups whose context matches (their outcomes are no longer wanted, e.g. the
+    /// router connection they came from is gone).
     public func forget(where match: (Context) -> Bool) {
-        lock.withLock { inFlight = inFlight.filter { !match($0.value.context) } }
+        lock.withLock {
+            for (number, context) in contexts where match(context) {
+                contexts[number] = nil
+                pending[number] = nil
+            }
+        }
     }
 
     /// Closes the producers whose configuration is not in `needed`, after what they hold is
@@ -135,8 +195,22 @@ public final class ProducerPool<Context: Sendable>: @unchecked Sendable {
     }
 
     private func delivered(_ reports: [DeliveryReport]) {
+        settle(reports.lazy.map { ($0.id, $0.error) })
+    }
+
+    /// Settles messages by id; answers the groups that are complete.
+    private func settle(_ results: some Sequence<(id: UInt64, error: KafkaError?)>) {
+        let mask: UInt64 = (1 << Self.indexBits) - 1
         let outcomes: [Outcome] = lock.withLock {
-            reports.compactMap { r in inFlight.removeValue(forKey: r.id).map { Outcome(context: $0.context, error: r.error) } }
+            var done: [Outcome] = []
+            for (id, error) in results {
+                let number = id >> Self.indexBits
+                guard let complete = pending[number]?.settleReturningDone(Int(id & mask), error: error), complete,
+                    let group = pending.removeValue(forKey: number), let context = contexts.removeValue(forKey: number)
+                else { continue }
+                done.append(Outcome(context: context, count: group.count, failures: group.failures.sorted { $0.index < $1.index }))
+            }
+            return done
         }
         if !outcomes.isEmpty { onOutcomes(outcomes) }
     }

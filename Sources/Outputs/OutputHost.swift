@@ -16,7 +16,7 @@ public final class OutputHost<Spec: Sendable>: Sendable {
         var lastReported: [ProducerConfiguration: ContinuousClock.Instant] = [:]
     }
 
-    public let pool: ProducerPool<Delivery>
+    public let pool: ProducerPool<FrameReply>
     public let metrics: OutputMetrics
     private let state = NIOLockedValueBox(State())
     private let logger: Logger

@@ -53,7 +53,7 @@ final class KafkaPublisher: FrameConnectionHandler, Service {
             peer.send(.nack(batch.id, reason: error.description, retryable: error.isRetriable))
             return
         }
-        try await Delivery.produce(try Delivery.split(batch, from: peer), topic: destination.topic, producer: producer, pool: host.pool)
+        try await Delivery.produce(batch, from: peer, topic: destination.topic, producer: producer, pool: host.pool)
     }
 
     func disconnected(_ peer: FramePeer) async { host.disconnected(peer) }

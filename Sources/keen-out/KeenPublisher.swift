@@ -49,10 +49,6 @@ final class KeenPublisher: FrameConnectionHandler, Service {
             peer.send(.nack(batch.id, reason: "unknown destination \(key)", retryable: true))
             return
         }
-        let messages = try Delivery.split(batch, from: peer)
-        guard messages.allSatisfy({ $0.topic != nil }) else {
-            throw FrameError.invalidFrame("Keen batch frame without a collection (topic) for each event")
-        }
         switch destination.transport {
         case .kafka:
             let producer: KafkaProducer
@@ -62,8 +58,13 @@ final class KeenPublisher: FrameConnectionHandler, Service {
                 peer.send(.nack(batch.id, reason: error.description, retryable: error.isRetriable))
                 return
             }
-            try await Delivery.produce(messages, topic: nil, producer: producer, pool: host.pool)
+            // Each message to its collection's topic (a frame without one is refused).
+            try await Delivery.produce(batch, from: peer, topic: nil, producer: producer, pool: host.pool)
         case .http:
+            let messages = try Delivery.split(batch, from: peer)
+            guard messages.allSatisfy({ $0.topic != nil }) else {
+                throw FrameError.invalidFrame("Keen batch frame without a collection (topic) for each event")
+            }
             let lane = lanes.withLockedValue { lanes in
                 if let lane = lanes[key] { return lane }
                 let lane = HTTPLane(destination: destination, timeout: httpTimeout, metrics: host.metrics, logger: logger)
