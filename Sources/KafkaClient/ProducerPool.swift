@@ -1,6 +1,57 @@
 import Foundation
 import Logging
 
+/// A group's messages still in flight. Outside the generic pool (the context is kept apart), so
+/// the per-message work does not pay for generic metadata.
+private struct Pending {
+    var producer: ObjectIdentifier
+    var count: Int
+    var remaining: Int
+    /// One bit per message: settled (delivered or failed).
+    var settled: [UInt64]
+    var failures: [(index: Int, error: KafkaError)] = []
+
+    init(producer: ObjectIdentifier, count: Int) {
+        self.producer = producer
+        self.count = count
+        remaining = count
+        settled = [UInt64](repeating: 0, count: (count + 63) / 64)
+    }
+
+    /// Records message `index`'s outcome (once); returns how many are still unsettled.
+    mutating func settle(_ index: Int, error: KafkaError?) -> Int {
+        guard index < count else { return remaining }
+        let bit: UInt64 = 1 << UInt64(index % 64)
+        guard settled[index / 64] & bit == 0 else { return remaining }
+        settled[index / 64] |= bit
+        remaining -= 1
+        if let error { failures.append((index, error)) }
+        return remaining
+    }
+
+    var unsettled: [Int] { (0..<count).filter { settled[$0 / 64] & (1 << UInt64($0 % 64)) == 0 } }
+}
+
+/// The groups in flight, by number; a message's id is its group's number and its index.
+private struct PendingGroups {
+    static let indexBits: UInt64 = 20
+    var groups: [UInt64: Pending] = [:]
+
+    /// Settles the messages; returns the groups now complete (removed).
+    mutating func settle(_ results: [(id: UInt64, error: KafkaError?)]) -> [(number: UInt64, group: Pending)] {
+        let mask: UInt64 = (1 << Self.indexBits) - 1
+        var done: [(number: UInt64, group: Pending)] = []
+        for (id, error) in results {
+            let number = id >> Self.indexBits
+            guard let remaining = groups[number]?.settle(Int(id & mask), error: error), remaining == 0,
+                let group = groups.removeValue(forKey: number)
+            else { continue }
+            done.append((number, group))
+        }
+        return done
+    }
+}
+
 /// The producers of an output process, shared by every destination on the same cluster and
 /// credentials, and the messages they have in flight. Both outputs (kafka-out, keen-out) use it.
 /// Messages are handed over in groups (a frame's messages), each group with a `Context` (who is
@@ -22,54 +73,16 @@ public final class ProducerPool<Context: Sendable>: @unchecked Sendable {
         public let number: UInt64
         public let count: Int
         /// The id to produce message `index` of this group with.
-        public func id(_ index: Int) -> UInt64 { number << ProducerPool.indexBits | UInt64(index) }
+        public func id(_ index: Int) -> UInt64 { number << PendingGroups.indexBits | UInt64(index) }
     }
 
     /// Largest number of messages in one group.
-    public static var maxGroupSize: Int { 1 << indexBits }
-    static var indexBits: UInt64 { 20 }
-
-    /// A group's messages still in flight. Not generic (the context is kept apart), so the
-    /// per-message work does not pay for generic metadata.
-    private struct Pending {
-        var producer: ObjectIdentifier
-        var count: Int
-        var remaining: Int
-        /// One bit per message: settled (delivered or failed).
-        var settled: [UInt64]
-        var failures: [(index: Int, error: KafkaError)] = []
-
-        init(producer: ObjectIdentifier, count: Int) {
-            self.producer = producer
-            self.count = count
-            remaining = count
-            settled = [UInt64](repeating: 0, count: (count + 63) / 64)
-        }
-
-        /// Records message `index`'s outcome; false when it was settled already.
-        mutating func settle(_ index: Int, error: KafkaError?) -> Bool {
-            guard index < count else { return false }
-            let bit: UInt64 = 1 << UInt64(index % 64)
-            guard settled[index / 64] & bit == 0 else { return false }
-            settled[index / 64] |= bit
-            remaining -= 1
-            if let error { failures.append((index, error)) }
-            return true
-        }
-
-        /// `settle`, then whether every message is settled.
-        mutating func settleReturningDone(_ index: Int, error: KafkaError?) -> Bool {
-            _ = settle(index, error: error)
-            return remaining == 0
-        }
-
-        var unsettled: [Int] { (0..<count).filter { settled[$0 / 64] & (1 << UInt64($0 % 64)) == 0 } }
-    }
+    public static var maxGroupSize: Int { 1 << PendingGroups.indexBits }
 
     private let lock = NSLock()
     private var producers: [ProducerConfiguration: KafkaProducer] = [:]
     private var statistics: [ObjectIdentifier: ProducerStatistics] = [:]
-    private var pending: [UInt64: Pending] = [:]
+    private var pending = PendingGroups()
     private var contexts: [UInt64: Context] = [:]
     private var nextGroup: UInt64 = 1
     private let logger: Logger
@@ -123,8 +136,8 @@ public final class ProducerPool<Context: Sendable>: @unchecked Sendable {
                 // answered now, as retryable, and goes out again through the new one.
                 let id = ObjectIdentifier(old)
                 statistics[id] = nil
-                for (number, group) in pending where group.producer == id {
-                    pending[number] = nil
+                for (number, group) in pending.groups where group.producer == id {
+                    pending.groups[number] = nil
                     guard let context = contexts.removeValue(forKey: number) else { continue }
                     let retry = KafkaError(code: error.code, name: error.name, message: error.message, isRetriable: true)
                     let failures = (group.failures + group.unsettled.map { ($0, retry) }).sorted { $0.index < $1.index }
@@ -146,7 +159,7 @@ public final class ProducerPool<Context: Sendable>: @unchecked Sendable {
         return lock.withLock {
             let number = nextGroup
             nextGroup += 1
-            pending[number] = Pending(producer: ObjectIdentifier(producer), count: count)
+            pending.groups[number] = Pending(producer: ObjectIdentifier(producer), count: count)
             contexts[number] = context
             return Group(number: number, count: count)
         }
@@ -164,7 +177,7 @@ public final class ProducerPool<Context: Sendable>: @unchecked Sendable {
         lock.withLock {
             for (number, context) in contexts where match(context) {
                 contexts[number] = nil
-                pending[number] = nil
+                pending.groups[number] = nil
             }
         }
     }
@@ -195,22 +208,17 @@ public final class ProducerPool<Context: Sendable>: @unchecked Sendable {
     }
 
     private func delivered(_ reports: [DeliveryReport]) {
-        settle(reports.lazy.map { ($0.id, $0.error) })
+        settle(reports.map { ($0.id, $0.error) })
     }
 
     /// Settles messages by id; answers the groups that are complete.
-    private func settle(_ results: some Sequence<(id: UInt64, error: KafkaError?)>) {
-        let mask: UInt64 = (1 << Self.indexBits) - 1
+    private func settle(_ results: [(id: UInt64, error: KafkaError?)]) {
         let outcomes: [Outcome] = lock.withLock {
-            var done: [Outcome] = []
-            for (id, error) in results {
-                let number = id >> Self.indexBits
-                guard let complete = pending[number]?.settleReturningDone(Int(id & mask), error: error), complete,
-                    let group = pending.removeValue(forKey: number), let context = contexts.removeValue(forKey: number)
-                else { continue }
-                done.append(Outcome(context: context, count: group.count, failures: group.failures.sorted { $0.index < $1.index }))
+            pending.settle(results).compactMap { number, group in
+                contexts.removeValue(forKey: number).map {
+                    Outcome(context: $0, count: group.count, failures: group.failures.sorted { $0.index < $1.index })
+                }
             }
-            return done
         }
         if !outcomes.isEmpty { onOutcomes(outcomes) }
     }

@@ -233,6 +233,7 @@ extension Frame {
             // another was validated where it entered (ingest) or written by the sender, and a process
             // that only forwards it does not parse it again. It is skipped by its structure.
             var members: [(key: String, range: Range<Int>)] = []
+            var parts: [Part]?
             do {
                 var scanner = JSONScanner(raw)
                 var payloadBytes: Int?
@@ -247,6 +248,9 @@ extension Frame {
                             s.skipStructure()
                         }
                         guard s.position > start else { throw JSONError(offset: start, message: "expected the payload's value") }
+                    } else if key.is("parts") {
+                        // Read once, as it is validated (not skipped, then parsed again).
+                        parts = try Frame.readParts(&s)
                     } else if key.is("payload_bytes") {
                         try s.skipValue(depth: 1)
                         payloadBytes = Int(String(decoding: s.bytes(start..<s.position), as: UTF8.self))
@@ -258,6 +262,8 @@ extension Frame {
                 try scanner.expectEnd()
             } catch let error as JSONError {
                 return .failure(.invalidJSON(error))
+            } catch let error as FrameError {
+                return .failure(error)
             } catch {
                 return .failure(.invalidFrame("\(error)"))
             }
@@ -302,7 +308,7 @@ extension Frame {
                     case "payload":
                         frame.payload = body.slice(m.range)
                     case "parts":
-                        frame.parts = try Frame.decodeParts(value)
+                        frame.parts = parts
                     case "headers":
                         guard JSON.kind(value) == .object, let pairs = try? JSON.members(value) else {
                             throw FrameError.invalidFrame("'headers' must be an object of strings")
@@ -384,25 +390,44 @@ extension Frame {
         return out
     }
 
-    static func decodeParts(_ value: UnsafeRawBufferPointer) throws(FrameError) -> [Part] {
+    /// Reads `parts` (`[[bytes, topic or null, event id or null], …]`) at the scanner's position,
+    /// validating as it goes.
+    static func readParts(_ s: inout JSONScanner) throws -> [Part] {
         let invalid = FrameError.invalidFrame("'parts' must be an array of [bytes, topic or null, event id or null]")
-        guard JSON.kind(value) == .array, let elements = try? JSON.elements(value, trusted: true) else { throw invalid }
+        func text(_ s: inout JSONScanner) throws -> String? {
+            switch s.peek() {
+            case UInt8(ascii: "\""): return try s.readString()
+            case UInt8(ascii: "n"):
+                let start = s.position
+                try s.skipValue(depth: 3)
+                guard s.position - start == 4 else { throw invalid }
+                return nil
+            default: throw invalid
+            }
+        }
         var parts: [Part] = []
-        parts.reserveCapacity(elements.count)
-        for range in elements {
-            let element = UnsafeRawBufferPointer(rebasing: value[range])
-            guard JSON.kind(element) == .array, let fields = try? JSON.elements(element, trusted: true), fields.count == 3 else {
-                throw invalid
+        guard s.peek() == UInt8(ascii: "[") else { throw invalid }
+        try s.readArray(depth: 1) { s, _ in
+            var part = Part(bytes: -1)
+            guard s.peek() == UInt8(ascii: "[") else { throw invalid }
+            let fields = try s.readArray(depth: 2) { s, i in
+                switch i {
+                case 0:
+                    let start = s.position
+                    try s.skipValue(depth: 3)
+                    var n = 0
+                    for b in s.bytes(start..<s.position) {
+                        guard b >= UInt8(ascii: "0"), b <= UInt8(ascii: "9"), n < Int.max / 10 - 9 else { throw invalid }
+                        n = n * 10 + Int(b - UInt8(ascii: "0"))
+                    }
+                    part.bytes = n
+                case 1: part.topic = try text(&s)
+                case 2: part.eventID = try text(&s)
+                default: throw invalid
+                }
             }
-            func text(_ r: Range<Int>) throws(FrameError) -> String? {
-                let v = UnsafeRawBufferPointer(rebasing: element[r])
-                if JSON.kind(v) == .null { return nil }
-                guard let s = JSON.string(v) else { throw invalid }
-                return s
-            }
-            let number = UnsafeRawBufferPointer(rebasing: element[fields[0]])
-            guard JSON.kind(number) == .number, let bytes = Int(String(decoding: number, as: UTF8.self)) else { throw invalid }
-            parts.append(Part(bytes: bytes, topic: try text(fields[1]), eventID: try text(fields[2])))
+            guard fields == 3 else { throw invalid }
+            parts.append(part)
         }
         return parts
     }
