@@ -11,15 +11,22 @@ struct Authenticator: Sendable {
         byKey = map
     }
 
-    /// The tenant id for an `Authorization` header value.
+    /// The tenant id for an `Authorization` header value (`Basic <base64 of key:secret>`; the
+    /// scheme in any case). Parsed on its bytes: this runs for every request.
     func tenant(authorization: String?) throws(APIError) -> String {
-        guard let authorization, !authorization.isEmpty else { throw .missingCredentials }
-        let parts = authorization.split(separator: " ", maxSplits: 1)
-        guard parts.count == 2, parts[0].lowercased() == "basic",
-            let data = Data(base64Encoded: String(parts[1]).trimmingCharacters(in: .whitespaces))
-        else { throw .malformedCredentials }
-        let bytes = [UInt8](data)
-        guard let colon = bytes.firstIndex(of: UInt8(ascii: ":")) else { throw .malformedCredentials }
+        guard var authorization, !authorization.isEmpty else { throw .missingCredentials }
+        let decoded: [UInt8]? = authorization.withUTF8 { header in
+            guard let space = header.firstIndex(of: UInt8(ascii: " ")), space == 5,
+                zip(header[..<space], "basic".utf8).allSatisfy({ $0 | 0x20 == $1 })
+            else { return nil }
+            func blank(_ b: UInt8) -> Bool { b == UInt8(ascii: " ") || b == UInt8(ascii: "\t") }
+            var start = space + 1
+            var end = header.count
+            while start < end, blank(header[start]) { start += 1 }
+            while end > start, blank(header[end - 1]) { end -= 1 }
+            return Data(base64Encoded: String(decoding: header[start..<end], as: UTF8.self)).map { [UInt8]($0) }
+        }
+        guard let bytes = decoded, let colon = bytes.firstIndex(of: UInt8(ascii: ":")) else { throw .malformedCredentials }
         let key = String(decoding: bytes[..<colon], as: UTF8.self)
         let secret = Array(bytes[(colon + 1)...])
         // Unknown keys still pay for a comparison, so timing tells nothing about which keys exist.

@@ -216,6 +216,25 @@ final class IngestHTTPTests: XCTestCase, @unchecked Sendable {
         }
     }
 
+    func testBasicCredentialsAreParsedAsSent() throws {
+        let auth = Authenticator(tenants: [Tenant(id: "acme", apiKey: "k", apiSecret: Secret("s:with colon"), destinations: [])])
+        let token = Data("k:s:with colon".utf8).base64EncodedString()
+        for header in ["Basic \(token)", "basic \(token)", "BASIC  \(token) ", "Basic \t\(token)\t"] {
+            XCTAssertEqual(try auth.tenant(authorization: header), "acme", header)
+        }
+        let wrong = Data("k:other".utf8).base64EncodedString()
+        let refused: [(String?, APIError)] = [
+            (nil, .missingCredentials), ("", .missingCredentials), ("Bearer \(token)", .malformedCredentials),
+            ("Basic", .malformedCredentials), ("Basic !!!", .malformedCredentials), ("Basicx \(token)", .malformedCredentials),
+            ("Basic \(Data("no-colon".utf8).base64EncodedString())", .malformedCredentials), ("Basic \(wrong)", .invalidCredentials),
+        ]
+        for (header, expected) in refused {
+            XCTAssertThrowsError(try auth.tenant(authorization: header), header ?? "nil") { error in
+                XCTAssertEqual((error as? APIError)?.message, expected.message, header ?? "nil")
+            }
+        }
+    }
+
     func testConstantTimeCompare() {
         XCTAssertTrue(Authenticator.constantTimeEquals(Array("abc".utf8), Array("abc".utf8)))
         XCTAssertFalse(Authenticator.constantTimeEquals(Array("abc".utf8), Array("abd".utf8)))
