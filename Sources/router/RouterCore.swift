@@ -360,10 +360,9 @@ actor RouterCore {
                 }
             case .kafka(let kafka):
                 // Spliced from the batch's bytes: nothing untouched is parsed into values or rewritten.
-                // Ingest validated the batch before spooling it (the only sender of batches here).
                 let output: KafkaBatchOutput
                 do {
-                    output = try kafka.settings.splice(payload, receivedAt: receivedAt, validated: true)
+                    output = try kafka.settings.splice(payload, receivedAt: receivedAt)
                 } catch {
                     ingest.send(.nack(frame.id, reason: "the batch is not valid JSON: \(error)", retryable: false))
                     return

@@ -5,25 +5,21 @@ import NIOCore
 /// values is built and nothing untouched is re-serialised. Same result as `apply` (the tree-based
 /// reference implementation, kept for the property tests), at a fraction of the cost.
 extension KafkaConnectionSettings {
-    /// `validated`: the batch passed `BatchValidator` before (ingest validates every batch it
-    /// accepts, before spooling it): its values are then stepped over by their structure, without
-    /// checking grammar and UTF-8 again — several times faster. Never for bytes that were not
-    /// validated: the output would then be undefined (not an error).
-    public func splice(_ batch: ByteBuffer, receivedAt: Int64, validated: Bool = false) throws(JSONError) -> KafkaBatchOutput {
+    public func splice(_ batch: ByteBuffer, receivedAt: Int64) throws(JSONError) -> KafkaBatchOutput {
         let result: Result<KafkaBatchOutput, JSONError> = batch.withUnsafeReadableBytes { raw in
-            do throws(JSONError) { return .success(try splice(raw, original: batch, receivedAt: receivedAt, validated: validated)) } catch {
+            do throws(JSONError) { return .success(try splice(raw, original: batch, receivedAt: receivedAt)) } catch {
                 return .failure(error)
             }
         }
         return try result.get()
     }
 
-    private func splice(_ raw: UnsafeRawBufferPointer, original: ByteBuffer, receivedAt: Int64, validated: Bool) throws(JSONError)
+    private func splice(_ raw: UnsafeRawBufferPointer, original: ByteBuffer, receivedAt: Int64) throws(JSONError)
         -> KafkaBatchOutput
     {
         var output = KafkaBatchOutput(messages: [])
         guard JSON.kind(raw) == .object else { return KafkaBatchOutput(messages: [original]) }
-        let outline = try BatchOutline(raw, validated: validated)
+        let outline = try BatchOutline(raw)
         let members = outline.members
         func value(_ range: Range<Int>) -> UnsafeRawBufferPointer { UnsafeRawBufferPointer(rebasing: raw[range]) }
         var changed = false
@@ -258,8 +254,8 @@ private struct BatchOutline {
     var eventsMember: Int?
     var events: [Event] = []
 
-    init(_ raw: UnsafeRawBufferPointer, validated: Bool) throws(JSONError) {
-        var scanner = JSONScanner(raw, maxDepth: .max, trusted: validated)
+    init(_ raw: UnsafeRawBufferPointer) throws(JSONError) {
+        var scanner = JSONScanner(raw, maxDepth: .max)
         var members: [Member] = []
         var eventsMember: Int?
         var seenEvents = false
