@@ -78,6 +78,7 @@ public final class KafkaProducer: @unchecked Sendable {
         topic: KafkaTopic, key: UnsafeRawBufferPointer?, value: UnsafeRawBufferPointer, headers: KafkaHeaders,
         extra: (name: UnsafePointer<CChar>, value: UnsafeRawBufferPointer)? = nil, id: UInt64
     ) throws(KafkaError) {
+        precondition(topic.producer == ObjectIdentifier(self), "a topic of another producer")
         let count = 5 + headers.count + (extra == nil ? 0 : 1)
         let err: OpaquePointer? = withUnsafeTemporaryAllocation(of: rd_kafka_vu_t.self, capacity: count) { vus in
             vus.initialize(repeating: rd_kafka_vu_t())
@@ -123,12 +124,12 @@ public final class KafkaProducer: @unchecked Sendable {
     public func topic(_ name: String) throws(KafkaError) -> KafkaTopic {
         lock.lock()
         defer { lock.unlock() }
-        if let t = topics[name] { return KafkaTopic(handle: t) }
+        if let t = topics[name] { return KafkaTopic(handle: t, producer: ObjectIdentifier(self)) }
         guard let t = rd_kafka_topic_new(handle, name, nil) else {
             throw KafkaError(rd_kafka_last_error(), message: "cannot use topic '\(name)'")
         }
         topics[name] = t
-        return KafkaTopic(handle: t)
+        return KafkaTopic(handle: t, producer: ObjectIdentifier(self))
     }
 
     /// Waits (blocking this thread) until everything handed over is delivered or `timeout` passes.
@@ -238,9 +239,10 @@ final class EventQueue: @unchecked Sendable {
 }
 
 /// A topic of one producer (librdkafka's handle, valid while the producer lives), looked up once
-/// for many messages.
+/// for many messages. Use it only with the producer it came from, while holding that producer.
 public struct KafkaTopic: @unchecked Sendable {
     let handle: OpaquePointer
+    let producer: ObjectIdentifier
 }
 
 /// Message headers as C strings, made once and used for every message of a frame.

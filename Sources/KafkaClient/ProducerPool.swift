@@ -73,8 +73,11 @@ public final class ProducerPool<Context: Sendable>: @unchecked Sendable {
     public struct Group: Sendable {
         public let number: UInt64
         public let count: Int
-        /// The id to produce message `index` of this group with.
-        public func id(_ index: Int) -> UInt64 { number << PendingGroups.indexBits | UInt64(index) }
+        /// The id to produce message `index` (0..<count) of this group with.
+        public func id(_ index: Int) -> UInt64 {
+            precondition(index >= 0 && index < count, "message \(index) of a group of \(count)")
+            return number << PendingGroups.indexBits | UInt64(index)
+        }
     }
 
     /// Largest number of messages in one group.
