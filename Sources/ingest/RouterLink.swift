@@ -104,6 +104,9 @@ final class RouterLink: FrameConnectionHandler {
         /// The next pass looks at every destination.
         var allDirty = false
         var fullPump = false
+        /// A lane needs the spool read (it is below its in-memory floor): the next pass runs on the
+        /// pump's queue.
+        var readPump = false
         /// What the router last said about its outputs.
         var outputsReady = false
     }
@@ -116,9 +119,9 @@ final class RouterLink: FrameConnectionHandler {
     private let logger: Logger
     private let metrics = IngestMetrics.shared
     /// Where passes run (nil: the pump's queue): the loop of the router connection and the HTTP
-    /// handlers, which appends and acks already woke. Full passes, which read the spool for every
-    /// lane, run on the pump's queue; a pass on the loop reads it only for a lane below its
-    /// in-memory floor (after a refusal, a reconnect or an eviction).
+    /// handlers, which appends and acks already woke. A pass on the loop never reads the spool:
+    /// full passes (which read it for every lane), and the lanes that are below their in-memory
+    /// floor (after a refusal, a reconnect or an eviction), are handed to the pump's queue.
     private let loop: EventLoop?
 
     init(
@@ -270,12 +273,14 @@ final class RouterLink: FrameConnectionHandler {
     private func pumpPasses(onLoop: Bool) {
         while true {
             let pass = state.withLockedValue { s -> (all: Bool, dirty: Set<DeliveryTarget>, full: Bool)? in
-                // A full pass reads the spool for every lane: not on the loop.
-                if onLoop && s.fullPump { return nil }
+                // A pass that reads the spool (every lane's, or a lane's below its in-memory
+                // floor): not on the loop.
+                if onLoop && (s.fullPump || s.readPump) { return nil }
                 defer {
                     s.allDirty = false
                     s.dirty = []
                     s.fullPump = false
+                    s.readPump = false
                 }
                 return (s.allDirty, s.dirty, s.fullPump)
             }
@@ -289,6 +294,8 @@ final class RouterLink: FrameConnectionHandler {
             let digest = tenants.digest
             // Lanes that sent (they may have more) or whose read raced: the next pass looks again.
             var lookAgain: [DeliveryTarget] = []
+            // Lanes this pass (on the loop) left for a pass that may read the spool.
+            var needRead = false
             for target in targets {
                 let waiting = spool.backlog(of: target)
                 let plan = state.withLockedValue { s -> (FramePeer, Int64, Int)? in
@@ -302,7 +309,17 @@ final class RouterLink: FrameConnectionHandler {
                 guard let (peer, cursor, room) = plan else { continue }
                 do {
                     // The idle pump reads the spool itself: it also finds what another process put back.
-                    var deliveries = try spool.pending(target, after: cursor, limit: room, fromMemory: !full)
+                    var deliveries: [SpooledDelivery]
+                    if onLoop {
+                        guard let known = spool.pendingInMemory(target, after: cursor, limit: room) else {
+                            needRead = true
+                            lookAgain.append(target)
+                            continue
+                        }
+                        deliveries = known
+                    } else {
+                        deliveries = try spool.pending(target, after: cursor, limit: room, fromMemory: !full)
+                    }
                     guard !deliveries.isEmpty else { continue }
                     // Within the lane's byte window (at least one: a batch larger than it still goes).
                     let used = state.withLockedValue { $0.lanes[target]?.inFlightBytes ?? 0 }
@@ -357,6 +374,7 @@ final class RouterLink: FrameConnectionHandler {
             }
             let again = state.withLockedValue { s -> Bool in
                 s.dirty.formUnion(lookAgain)
+                if needRead { s.readPump = true }
                 if s.allDirty || !s.dirty.isEmpty { return true }
                 s.pumping = false
                 return false

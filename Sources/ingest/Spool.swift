@@ -4,6 +4,7 @@ import GRDB
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
+import NIOPosix
 import Observability
 import Shared
 
@@ -242,9 +243,8 @@ final class Spool: Sendable {
     /// memory when asked and it holds them all (`FreshDeliveries`; the pump asks), else from SQLite
     /// and the payload log.
     func pending(_ target: DeliveryTarget, after: Int64, limit: Int, fromMemory: Bool = false) throws -> [SpooledDelivery] {
-        if fromMemory, let known = fresh.withLockedValue({ $0.waiting(target, after: after, limit: limit) }) {
-            return known
-        }
+        if fromMemory, let known = pendingInMemory(target, after: after, limit: limit) { return known }
+        assert(MultiThreadedEventLoopGroup.currentEventLoop == nil, "a spool read on an event loop")
         return try db.read { db in
             try Row.fetchAll(
                 db.cachedStatement(
@@ -258,6 +258,12 @@ final class Spool: Sendable {
                 SpooledDelivery(id: row["id"], batchID: row["batch_id"], target: target, key: row["key"], payload: try payload(row))
             }
         }
+    }
+
+    /// `pending` from memory alone, without touching the disk: nil when memory cannot answer (the
+    /// lane is below its in-memory floor: after a refusal, a reconnect or an eviction).
+    func pendingInMemory(_ target: DeliveryTarget, after: Int64, limit: Int) -> [SpooledDelivery]? {
+        fresh.withLockedValue { $0.waiting(target, after: after, limit: limit) }
     }
 
     /// The deliveries of `target` up to `id` went to the router.
