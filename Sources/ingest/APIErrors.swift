@@ -1,10 +1,10 @@
-import Hummingbird
 import NIOCore
+import NIOHTTP1
 import Shared
 
 /// An error answer in mParticle's shape: `{"errors":[{"code":"…","message":"…"}]}`.
 struct APIError: Error {
-    var status: HTTPResponse.Status
+    var status: HTTPResponseStatus
     var code: String
     var message: String
     var retryAfterSeconds: Int?
@@ -20,7 +20,7 @@ struct APIError: Error {
     static let invalidCredentials = APIError(
         status: .forbidden, code: "FORBIDDEN", message: "the API key and secret are not valid")
     static func tooLarge(_ message: String) -> APIError {
-        APIError(status: .contentTooLarge, code: "PAYLOAD_TOO_LARGE", message: message)
+        APIError(status: .payloadTooLarge, code: "PAYLOAD_TOO_LARGE", message: message)
     }
     static func unsupportedMediaType(_ message: String) -> APIError {
         APIError(status: .unsupportedMediaType, code: "UNSUPPORTED_MEDIA_TYPE", message: message)
@@ -37,13 +37,11 @@ struct APIError: Error {
         APIError(status: .internalServerError, code: "INTERNAL_ERROR", message: message)
     }
 
-    var response: Response {
+    var answer: HTTPAnswer {
         var body = ByteBuffer()
         JSONValue.object([
             .init("errors", .array([.object([.init("code", .string(code)), .init("message", .string(message))])]))
         ]).write(into: &body)
-        var headers: HTTPFields = [.contentType: "application/json"]
-        if let retryAfterSeconds { headers[.retryAfter] = String(retryAfterSeconds) }
-        return Response(status: status, headers: headers, body: .init(byteBuffer: body))
+        return HTTPAnswer(status: status, contentType: "application/json", body: body, retryAfterSeconds: retryAfterSeconds)
     }
 }

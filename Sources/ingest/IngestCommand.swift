@@ -1,6 +1,5 @@
 import ArgumentParser
 import Foundation
-import Hummingbird
 import Logging
 import NIOPosix
 import Observability
@@ -80,15 +79,15 @@ struct Serve: AsyncParsableCommand {
         let client = FrameClient(
             path: options.routerSocketPath, role: .ingest, instance: "ingest-\(ProcessInfo.processInfo.processIdentifier)",
             handler: link, executor: executor, logger: logger)
-        let app = buildApplication(
+        let server = IngestServer(
             config: config, tenants: tenants, sink: SpoolingSink(spool: spool, link: link, tenants: tenants, logger: logger),
-            eventLoopGroup: executor.loop, logger: logger)
+            loop: executor.loop, logger: logger)
         // Shutdown runs in reverse: HTTP stops accepting, then in-flight deliveries get up to 10 s
         // for their acks, then the router connection closes. What is unanswered stays in the spool.
         let drain = DrainOnShutdown(link: link, bound: .seconds(10), logger: logger)
         let group = ServiceGroup(
             configuration: .init(
-                services: [.init(service: client), .init(service: drain), .init(service: watcher), .init(service: app)],
+                services: [.init(service: client), .init(service: drain), .init(service: watcher), .init(service: server)],
                 gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
         // Child tasks inherit the preference: HTTP handlers and the router link's reader run on
         // the loop their channels use.

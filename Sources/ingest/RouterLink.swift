@@ -8,7 +8,8 @@ import Shared
 protocol BatchSink: Sendable {
     /// Whether batches can be taken now (for `/readyz`).
     var isReady: Bool { get }
-    func submit(tenant: String, batches: [ValidatedBatch]) async -> SubmitOutcome
+    /// Stores the batches; `completion` is called once with the outcome, on any thread.
+    func submit(tenant: String, batches: [ValidatedBatch], completion: @escaping @Sendable (SubmitOutcome) -> Void)
 }
 
 enum SubmitOutcome: Equatable, Sendable {
@@ -32,17 +33,19 @@ struct SpoolingSink: BatchSink {
     /// and the spool has room.
     var isReady: Bool { link.isConnected && link.outputsReady && !spool.isFull }
 
-    func submit(tenant: String, batches: [ValidatedBatch]) async -> SubmitOutcome {
-        do {
-            let destinations = tenants.destinations(of: tenant)
-            _ = try await spool.append(tenant: tenant, destinations: destinations, batches: batches)
-            link.pump(destinations.map { DeliveryTarget(tenant: tenant, destination: $0) })
-            return .accepted
-        } catch Spool.Failure.full {
-            return .full(retryAfter: 5)
-        } catch {
-            logger.error("cannot write to the spool", metadata: ["error": "\(error)"])
-            return .unavailable("the spool cannot be written")
+    func submit(tenant: String, batches: [ValidatedBatch], completion: @escaping @Sendable (SubmitOutcome) -> Void) {
+        let destinations = tenants.destinations(of: tenant)
+        spool.append(tenant: tenant, destinations: destinations, batches: batches) { [link, logger] result in
+            switch result {
+            case .success:
+                link.pump(destinations.map { DeliveryTarget(tenant: tenant, destination: $0) })
+                completion(.accepted)
+            case .failure(Spool.Failure.full):
+                completion(.full(retryAfter: 5))
+            case .failure(let error):
+                logger.error("cannot write to the spool", metadata: ["error": "\(error)"])
+                completion(.unavailable("the spool cannot be written"))
+            }
         }
     }
 }

@@ -54,9 +54,11 @@ final class Spool: Sendable {
     }
 
     private enum Operation {
-        case append([ValidatedBatch], tenant: String, destinations: [String], CheckedContinuation<[Int64], Error>)
+        case append([ValidatedBatch], tenant: String, destinations: [String], Completion)
         case complete(Int64, deadLetter: DeadLetter?)
     }
+
+    typealias Completion = @Sendable (Result<[Int64], any Error>) -> Void
 
     private struct State {
         var queue: [Operation] = []
@@ -220,7 +222,16 @@ final class Spool: Sendable {
     /// returns the batch ids in order. Throws `Failure.full` when there is no room: nothing is
     /// half-stored and the client is told to retry later (429).
     func append(tenant: String, destinations: [String], batches: [ValidatedBatch]) async throws -> [Int64] {
-        guard !destinations.isEmpty else { return [] }  // nowhere to go: nothing to keep
+        try await withCheckedThrowingContinuation { continuation in
+            append(tenant: tenant, destinations: destinations, batches: batches) { continuation.resume(with: $0) }
+        }
+    }
+
+    /// `append`, answered through `completion`: on the spool's writer thread once the group
+    /// holding these batches is committed, or at once (no destinations: `[]`; no room:
+    /// `Failure.full`).
+    func append(tenant: String, destinations: [String], batches: [ValidatedBatch], completion: @escaping Completion) {
+        guard !destinations.isEmpty else { return completion(.success([])) }  // nowhere to go: nothing to keep
         let size = batches.reduce(0) { $0 + $1.bytes.readableBytes }
         let maxBytes = self.maxBytes
         let used = state.withLockedValue { s -> Int? in
@@ -228,10 +239,8 @@ final class Spool: Sendable {
             s.refusing = true
             return s.usedBytes
         }
-        if let used { throw Failure.full(used: used, limit: maxBytes) }
-        return try await withCheckedThrowingContinuation { continuation in
-            enqueue(.append(batches, tenant: tenant, destinations: destinations, continuation))
-        }
+        if let used { return completion(.failure(Failure.full(used: used, limit: maxBytes))) }
+        enqueue(.append(batches, tenant: tenant, destinations: destinations, completion))
     }
 
     /// A destination has the batch of this delivery — or never will (`deadLetter`).
@@ -474,12 +483,12 @@ final class Spool: Sendable {
                 }
                 var next = result.ids.makeIterator()
                 for op in operations {
-                    if case .append(_, _, _, let continuation) = op { continuation.resume(returning: next.next()!) }
+                    if case .append(_, _, _, let completion) = op { completion(.success(next.next()!)) }
                 }
             } catch {
                 for location in stored { log.release(location) }  // written, but no row points at them
                 for op in operations {
-                    if case .append(_, _, _, let continuation) = op { continuation.resume(throwing: error) }
+                    if case .append(_, _, _, let completion) = op { completion(.failure(error)) }
                 }
             }
         }
