@@ -17,6 +17,9 @@ struct IngestMetrics: Sendable {
     let spoolCommit = Metrics.histogram(
         "sluice_ingest_spool_commit_seconds",
         "One spool transaction: the appends and completions queued while the previous one was written, and its fsync.")
+    let spoolPayloadWrite = Metrics.histogram(
+        "sluice_ingest_spool_payload_write_seconds",
+        "The payload log's part of a spool transaction: one write of the group's batches and its fdatasync.")
     let spoolCommittedOperations = Metrics.counter(
         "sluice_ingest_spool_committed_operations_total",
         "Appends (one per request) and completions written by spool transactions; divided by the commits, the group size.")

@@ -399,6 +399,7 @@ final class Spool: Sendable {
                     let locations = payloads.isEmpty ? [] : try log.append(payloads)
                     stored = locations
                     logTime = ContinuousClock.now - logStart
+                    if !payloads.isEmpty { IngestMetrics.shared.spoolPayloadWrite.record(logTime) }
                     var ids: [[Int64]] = []
                     var bytes = 0
                     var backlog = backlogBefore
