@@ -49,6 +49,9 @@ final class PayloadLog: Sendable {
         var segments: [Int64: Segment] = [:]
         var current: Int64 = 0
         var spare = Spare.none
+        /// Segments nothing refers to any more, kept until the commit that released them is
+        /// known to be on disk (`retireDrained`).
+        var drained: [Int64: Int32] = [:]
     }
 
     let directory: String
@@ -83,7 +86,10 @@ final class PayloadLog: Sendable {
     }
 
     deinit {
-        state.withLockedValue { s in for segment in s.segments.values { close(segment.fd) } }
+        state.withLockedValue { s in
+            for segment in s.segments.values { close(segment.fd) }
+            for fd in s.drained.values { close(fd) }
+        }
     }
 
     static func segmentNumber(_ name: String) -> Int64? {
@@ -187,17 +193,35 @@ final class PayloadLog: Sendable {
     }
 
     /// A batch stored at `location` left the spool. A segment that is not the current one goes
-    /// with its last batch.
-    func release(_ location: PayloadLocation) {
+    /// with its last batch — at once when `durably` (the commit that released it is on disk),
+    /// else at the next `retireDrained`: a segment's file must not be reused or deleted while a
+    /// power loss could still bring back rows that point into it.
+    func release(_ location: PayloadLocation, durably: Bool = true) {
         let retire = state.withLockedValue { s -> Int32? in
             guard var segment = s.segments[location.segment] else { return nil }
             segment.references = max(0, segment.references - 1)
             s.segments[location.segment] = segment
             guard segment.references == 0, location.segment != s.current else { return nil }
             s.segments[location.segment] = nil
+            guard durably else {
+                s.drained[location.segment] = segment.fd
+                return nil
+            }
             return segment.fd
         }
         if let retire { remove(retire, segment: location.segment) }
+    }
+
+    /// Whether segments wait for `retireDrained`.
+    var hasDrained: Bool { state.withLockedValue { !$0.drained.isEmpty } }
+
+    /// Retires the segments released by commits that are now on disk.
+    func retireDrained() {
+        let drained = state.withLockedValue { s in
+            defer { s.drained = [:] }
+            return s.drained
+        }
+        for (n, fd) in drained { remove(fd, segment: n) }
     }
 
     /// Closes a segment nothing refers to any more and retires its file off the writer's path (a

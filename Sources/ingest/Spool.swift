@@ -391,7 +391,11 @@ final class Spool: Sendable {
                 let log = self.log
                 var inserted: [SpooledDelivery] = []
                 var finished: [(id: Int64, target: DeliveryTarget)] = []
-                let result = try db.write { db -> (ids: [[Int64]], bytes: Int, backlog: [DeliveryTarget: Int], freed: [PayloadLocation]) in
+                // Appends must reach the disk before their 202s; a group of completions alone need not:
+                // lost to a power loss, its deliveries would only be sent again (at-least-once), and
+                // the next durable commit flushes the WAL with it in.
+                let durable = !payloads.isEmpty
+                let result = try Spool.transaction(db, durable: durable) { db -> (ids: [[Int64]], bytes: Int, backlog: [DeliveryTarget: Int], freed: [PayloadLocation]) in
                     inserted = []
                     finished = []
                     // The bytes first, durably; then the rows that point at them.
@@ -464,7 +468,12 @@ final class Spool: Sendable {
                     for d in finished { f.finished(d.id, target: d.target) }
                 }
                 let releaseStart = ContinuousClock.now
-                for location in result.freed { log.release(location) }
+                for location in result.freed { log.release(location, durably: durable) }
+                if log.hasDrained {
+                    // A segment emptied: once the commits that emptied it are on disk, its file can go.
+                    if !durable { try db.writeWithoutTransaction { db in try Spool.flushWAL(db) } }
+                    log.retireDrained()
+                }
                 let total = stopwatch.elapsed
                 if total > .milliseconds(100) {
                     logger.warning(
@@ -493,6 +502,35 @@ final class Spool: Sendable {
                 }
             }
         }
+    }
+
+    /// One write transaction, committed with `synchronous=FULL` (on disk before this returns)
+    /// when `durable`, else with `NORMAL` (in the WAL, flushed by the next durable commit or
+    /// checkpoint). The writer's resting setting stays FULL.
+    private static func transaction<T>(_ pool: DatabasePool, durable: Bool, _ body: (Database) throws -> T) throws -> T {
+        guard !durable else { return try pool.write(body) }
+        return try pool.writeWithoutTransaction { db in
+            try db.execute(sql: "PRAGMA synchronous = NORMAL")
+            var result: T?
+            do {
+                try db.inTransaction(.immediate) {
+                    result = try body(db)
+                    return .commit
+                }
+            } catch {
+                try db.execute(sql: "PRAGMA synchronous = FULL")
+                throw error
+            }
+            try db.execute(sql: "PRAGMA synchronous = FULL")
+            return result!
+        }
+    }
+
+    /// A durable commit of nothing of note: flushes the WAL, and with it the commits before it.
+    private static func flushWAL(_ db: Database) throws {
+        try db.execute(
+            sql: "INSERT OR REPLACE INTO meta (key, value) VALUES ('last_flush', ?)",
+            arguments: [String(Int64(Date().timeIntervalSince1970 * 1000))])
     }
 
     static func milliseconds(_ d: Duration) -> Int64 {
