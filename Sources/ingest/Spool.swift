@@ -471,8 +471,13 @@ final class Spool: Sendable {
                 for location in result.freed { log.release(location, durably: durable) }
                 if log.hasDrained {
                     // A segment emptied: once the commits that emptied it are on disk, its file can go.
-                    if !durable { try db.writeWithoutTransaction { db in try Spool.flushWAL(db) } }
-                    log.retireDrained()
+                    do {
+                        if !durable { try db.writeWithoutTransaction { db in try Spool.flushWAL(db) } }
+                        log.retireDrained()
+                    } catch {
+                        logger.warning(
+                            "spool flush failed; emptied payload segments wait for the next commit", metadata: ["error": "\(error)"])
+                    }
                 }
                 let total = stopwatch.elapsed
                 if total > .milliseconds(100) {
