@@ -19,12 +19,8 @@ struct Authenticator: Sendable {
             guard let space = header.firstIndex(of: UInt8(ascii: " ")), space == 5,
                 zip(header[..<space], "basic".utf8).allSatisfy({ $0 | 0x20 == $1 })
             else { return nil }
-            func blank(_ b: UInt8) -> Bool { b == UInt8(ascii: " ") || b == UInt8(ascii: "\t") }
-            var start = space + 1
-            var end = header.count
-            while start < end, blank(header[start]) { start += 1 }
-            while end > start, blank(header[end - 1]) { end -= 1 }
-            return Data(base64Encoded: String(decoding: header[start..<end], as: UTF8.self)).map { [UInt8]($0) }
+            let token = HTTPToken.trimmed(header[(space + 1)...])
+            return Data(base64Encoded: String(decoding: token, as: UTF8.self)).map { [UInt8]($0) }
         }
         guard let bytes = decoded, let colon = bytes.firstIndex(of: UInt8(ascii: ":")) else { throw .malformedCredentials }
         let key = String(decoding: bytes[..<colon], as: UTF8.self)

@@ -114,14 +114,16 @@ struct IngestAPI<Sink: BatchSink>: Sendable {
 /// Header values as HTTP compares them: spaces and tabs around them do not count, and tokens
 /// (media types, codings) are ASCII case-insensitive. On bytes: this runs for every request.
 enum HTTPToken {
-    static func trimmed(_ value: Substring) -> Substring {
-        let utf8 = value.utf8
-        var start = utf8.startIndex
-        var end = utf8.endIndex
+    static func trimmed(_ value: Substring) -> Substring { Substring(trimmed(value.utf8)) }
+
+    /// The bytes without the spaces and tabs around them.
+    static func trimmed<Bytes: BidirectionalCollection>(_ bytes: Bytes) -> Bytes.SubSequence where Bytes.Element == UInt8 {
         func blank(_ b: UInt8) -> Bool { b == UInt8(ascii: " ") || b == UInt8(ascii: "\t") }
-        while start < end, blank(utf8[start]) { start = utf8.index(after: start) }
-        while end > start, blank(utf8[utf8.index(before: end)]) { end = utf8.index(before: end) }
-        return Substring(utf8[start..<end])
+        var start = bytes.startIndex
+        var end = bytes.endIndex
+        while start < end, blank(bytes[start]) { start = bytes.index(after: start) }
+        while end > start, blank(bytes[bytes.index(before: end)]) { end = bytes.index(before: end) }
+        return bytes[start..<end]
     }
 
     static func lowercased(_ value: Substring) -> String {
