@@ -171,7 +171,8 @@ final class IngestHTTPHandler<Sink: BatchSink>: ChannelInboundHandler, Removable
     }
 
     private static func route(_ head: HTTPRequestHead) -> Route {
-        let path = head.uri.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false).first ?? ""
+        let uri = head.uri
+        let path = uri.firstIndex(of: "?").map { uri[..<$0] } ?? uri[...]
         switch path {
         case "/v2/events", "/v2/bulkevents":
             return head.method == .POST ? .events(bulk: path == "/v2/bulkevents") : .methodNotAllowed(allow: "POST")

@@ -1,9 +1,20 @@
 import NIOCore
 
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
 /// The connection settings applied by splicing bytes: the output is cut from the batch's own
 /// bytes, with small inserts (a converted `user_identities`, `unique_id`) — no tree of Swift
 /// values is built and nothing untouched is re-serialised. Same result as `apply` (the tree-based
 /// reference implementation, kept for the property tests), at a fraction of the cost.
+///
+/// The work per batch is one validating pass (`BatchOutline`) and one write; it allocates a
+/// handful of arrays and buffers per batch, not per event or member: measured on a 50-event
+/// batch, allocations and reference counting were a third of the time when the outline kept
+/// arrays per event and the output was built from boxed pieces and `String` keys.
 extension KafkaConnectionSettings {
     public func splice(_ batch: ByteBuffer, receivedAt: Int64) throws(JSONError) -> KafkaBatchOutput {
         let result: Result<KafkaBatchOutput, JSONError> = batch.withUnsafeReadableBytes { raw in
@@ -22,35 +33,46 @@ extension KafkaConnectionSettings {
         let outline = try BatchOutline(raw)
         let members = outline.members
         func value(_ range: Range<Int>) -> UnsafeRawBufferPointer { UnsafeRawBufferPointer(rebasing: raw[range]) }
+        func key(_ k: JSONKey) -> Key {
+            guard !k.escaped, let start = k.raw.baseAddress, let base = raw.baseAddress else { return .name(k.string) }
+            let offset = start - base
+            return .input(offset..<(offset + k.raw.count))
+        }
         var changed = false
 
         // Events: supported types only, then the settings' filters, then per-event projections.
         var events: [Piece] = []
+        events.reserveCapacity(outline.events.count)
         var eventIDs: [String] = []
+        if !sendAsBatch { eventIDs.reserveCapacity(outline.events.count) }
         let eventsMember = outline.eventsMember
         for (position, event) in outline.events.enumerated() {
-            let type = event.members.first { $0.key.is("event_type") }.flatMap { JSON.string(value($0.range)) } ?? ""
-            guard Self.supportedEventTypes.contains(type) else {
+            let eventMembers = outline.eventMembers[event.members]
+            let type = eventMembers.first { $0.key.is("event_type") }.map { value($0.range) }
+            switch verdict(eventType: type) {
+            case .unsupported:
                 output.unsupportedEvents += 1
                 changed = true
                 continue
-            }
-            guard forwards(eventType: type) else {
+            case .filtered:
                 output.filteredEvents += 1
                 changed = true
                 continue
+            case .forwarded:
+                break
             }
+            let data = event.data.map { outline.dataMembers[$0] }
             var piece = Piece.bytes(event.range)
-            if !includeLocation, let data = event.data, data.contains(where: { $0.key.is("location") }) {
+            if !includeLocation, let data, data.contains(where: { $0.key.is("location") }) {
                 // The event again, its data without `location`.
                 var rewritten = ObjectWriter()
-                for (k, m) in event.members.enumerated() {
+                for (k, m) in zip(eventMembers.indices, eventMembers) {
                     if k == event.dataIndex {
                         var object = ObjectWriter()
-                        for d in data where !d.key.is("location") { object.member(d.key.string, .bytes(d.range)) }
-                        rewritten.member(m.key.string, .object(object))
+                        for d in data where !d.key.is("location") { object.member(key(d.key), .bytes(d.range)) }
+                        rewritten.member(key(m.key), .object(object))
                     } else {
-                        rewritten.member(m.key.string, .bytes(m.range))
+                        rewritten.member(key(m.key), .bytes(m.range))
                     }
                 }
                 piece = .object(rewritten)
@@ -59,55 +81,49 @@ extension KafkaConnectionSettings {
             events.append(piece)
             if !sendAsBatch {
                 // `data.source_message_id`, else the event's own, else its position in the batch.
-                var id = event.data?.first { $0.key.is("source_message_id") }.flatMap { JSON.string(value($0.range)) }
-                id = id ?? event.members.first { $0.key.is("source_message_id") }.flatMap { JSON.string(value($0.range)) }
+                var id = data?.first { $0.key.is("source_message_id") }.flatMap { JSON.string(value($0.range)) }
+                id = id ?? eventMembers.first { $0.key.is("source_message_id") }.flatMap { JSON.string(value($0.range)) }
                 eventIDs.append(id ?? "index:\(position)")
             }
         }
         if events.isEmpty && !sendBatchesWithoutEvents { return output }
 
         // The top level, member by member: kept as is, dropped, or replaced.
-        var dropped: Set<String> = []
-        if !includeMetadata { dropped.formUnion(["application_info", "device_info", "source_info"]) }
-        if metadataFieldExclusion.contains(.ipAddress) { dropped.insert("ip") }
-        if !includeMPDeviceID { dropped.insert("mp_deviceid") }
-        if uniqueID != nil { dropped.insert("unique_id") }
         let timestamp: Piece =
             members.first { $0.key.is("timestamp_unixtime_ms") }.map { .bytes($0.range) } ?? .literal(String(receivedAt))
-        var top: [(key: String, piece: Piece)] = []
+        var top: [(key: Key, piece: Piece)] = []
+        top.reserveCapacity(members.count + 1)
         var eventsIndex: Int?
-        for (i, outlined) in members.enumerated() {
-            let m = (key: outlined.key.string, range: outlined.range)
-            if dropped.contains(m.key) {
+        for (i, m) in members.enumerated() {
+            if drops(m.key) {
                 changed = true
                 continue
             }
-            switch m.key {
-            case "events" where i == eventsMember:
+            if i == eventsMember {
                 eventsIndex = top.count
-                top.append((m.key, .bytes(m.range)))  // replaced below
-            case "device_info" where metadataFieldExclusion.contains(.deviceName):
-                top.append((m.key, try without("device", in: m.range, raw: raw, changed: &changed)))
-            case "context" where !includeEventBatchLocation:
-                top.append((m.key, try without("location", in: m.range, raw: raw, changed: &changed)))
-            case "user_identities" where JSON.kind(value(m.range)) == .object:
+                top.append((key(m.key), .bytes(m.range)))  // replaced below
+            } else if m.key.is("device_info") && metadataFieldExclusion.contains(.deviceName) {
+                top.append((key(m.key), try without("device", in: m.range, raw: raw, changed: &changed)))
+            } else if m.key.is("context") && !includeEventBatchLocation {
+                top.append((key(m.key), try without("location", in: m.range, raw: raw, changed: &changed)))
+            } else if m.key.is("user_identities") && JSON.kind(value(m.range)) == .object {
                 // mParticle's outgoing form: a list of {identity_type, identity, timestamp_unixtime_ms}.
                 var list = ArrayWriter()
                 for identity in try JSON.members(value(m.range), trusted: true) {
                     var item = ObjectWriter()
-                    item.member("identity_type", .string(identity.key))
-                    item.member("identity", .bytes(shift(identity.range, m.range)))
-                    item.member("timestamp_unixtime_ms", timestamp)
+                    item.member(.name("identity_type"), .string(identity.key))
+                    item.member(.name("identity"), .bytes(shift(identity.range, m.range)))
+                    item.member(.name("timestamp_unixtime_ms"), timestamp)
                     list.element(.object(item))
                 }
-                top.append((m.key, .array(list)))
+                top.append((key(m.key), .array(list)))
                 changed = true
-            default:
-                top.append((m.key, .bytes(m.range)))
+            } else {
+                top.append((key(m.key), .bytes(m.range)))
             }
         }
         if let uniqueID {
-            top.append(("unique_id", .string(uniqueID)))
+            top.append((.name("unique_id"), .string(uniqueID)))
             changed = true
         }
 
@@ -122,7 +138,8 @@ extension KafkaConnectionSettings {
             ObjectWriter(top).write(raw, into: &out)
             output.messages = [out]
         } else {
-            // One message per event: the top level around each event, written once.
+            // One message per event: the top level around each event, written once; all messages
+            // in one buffer, each a slice of it.
             var before = ByteBuffer()
             var after = ByteBuffer()
             ObjectWriter(Array(top[..<eventsIndex!])).writeOpen(raw, into: &before, moreFollows: true)
@@ -130,17 +147,58 @@ extension KafkaConnectionSettings {
             before.writeStaticString(":[")
             after.writeStaticString("]")
             ObjectWriter(Array(top[(eventsIndex! + 1)...])).writeClose(raw, into: &after)
-            output.messages = events.map { event in
-                var out = ByteBuffer()
-                out.reserveCapacity(before.readableBytes + after.readableBytes + 512)
-                out.writeImmutableBuffer(before)
-                event.write(raw, into: &out)
-                out.writeImmutableBuffer(after)
-                return out
+            var all = ByteBuffer()
+            all.reserveCapacity(events.count * (before.readableBytes + after.readableBytes) + raw.count + 256)
+            var ends: [Int] = []
+            ends.reserveCapacity(events.count)
+            for event in events {
+                all.writeImmutableBuffer(before)
+                event.write(raw, into: &all)
+                all.writeImmutableBuffer(after)
+                ends.append(all.writerIndex)
+            }
+            var start = 0
+            output.messages = ends.map { end in
+                defer { start = end }
+                return all.getSlice(at: start, length: end - start)!
             }
             output.eventIDs = eventIDs
         }
         return output
+    }
+
+    private enum Verdict { case unsupported, filtered, forwarded }
+
+    /// What becomes of an event with this `event_type` value (its JSON bytes; nil when absent).
+    private func verdict(eventType value: UnsafeRawBufferPointer?) -> Verdict {
+        guard let value, JSON.kind(value) == .string else { return .unsupported }
+        let body = JSONKey(raw: UnsafeRawBufferPointer(rebasing: value.dropFirst().dropLast()), escaped: value.contains(UInt8(ascii: "\\")))
+        guard !body.escaped else {
+            let type = JSON.string(value) ?? ""
+            guard Self.supportedEventTypes.contains(type) else { return .unsupported }
+            return forwards(eventType: type) ? .forwarded : .filtered
+        }
+        // The common types first; each test is a length check, then a memcmp.
+        if body.is("custom_event") || body.is("screen_view") || body.is("commerce_event") || body.is("session_start")
+            || body.is("session_end") || body.is("breadcrumb") || body.is("application_state_transition")
+            || body.is("crash_report") || body.is("first_run") || body.is("opt_out") || body.is("push_message")
+            || body.is("push_registration") || body.is("uninstall")
+        {
+            return .forwarded
+        }
+        if body.is("network_performance") { return sendNetworkPerformanceEvents ? .forwarded : .filtered }
+        if body.is("profile") { return sendProfileChangeEvents ? .forwarded : .filtered }
+        if body.is("user_attribute_change") { return includeUserAttributeChangeEvents ? .forwarded : .filtered }
+        if body.is("user_identity_change") { return includeUserIdentityChangeEvents ? .forwarded : .filtered }
+        return .unsupported
+    }
+
+    /// Whether these settings drop a top-level member with this key.
+    private func drops(_ key: JSONKey) -> Bool {
+        if !includeMetadata && (key.is("application_info") || key.is("device_info") || key.is("source_info")) { return true }
+        if metadataFieldExclusion.contains(.ipAddress) && key.is("ip") { return true }
+        if !includeMPDeviceID && key.is("mp_deviceid") { return true }
+        return uniqueID != nil && key.is("unique_id")
     }
 
     /// An object member's value without one of its own members (or unchanged).
@@ -153,7 +211,7 @@ extension KafkaConnectionSettings {
         guard members.contains(where: { $0.key == key }) else { return .bytes(range) }
         changed = true
         var writer = ObjectWriter()
-        for m in members where m.key != key { writer.member(m.key, .bytes(shift(m.range, range))) }
+        for m in members where m.key != key { writer.member(.name(m.key), .bytes(shift(m.range, range))) }
         return .object(writer)
     }
 }
@@ -162,8 +220,27 @@ extension KafkaConnectionSettings {
 @inline(__always)
 private func shift(_ r: Range<Int>, _ base: Range<Int>) -> Range<Int> { (base.lowerBound + r.lowerBound)..<(base.lowerBound + r.upperBound) }
 
-/// A piece of output: bytes of the input, or something written.
-private indirect enum Piece {
+/// A member's key in the output: the bytes between its quotes in the input (a key without
+/// escapes: copied as is), or a name written as a JSON string.
+private enum Key {
+    case input(Range<Int>)
+    case name(String)
+
+    func write(_ raw: UnsafeRawBufferPointer, into out: inout ByteBuffer) {
+        switch self {
+        case .input(let r):
+            out.writeInteger(UInt8(ascii: "\""))
+            out.writeBytes(UnsafeRawBufferPointer(rebasing: raw[r]))
+            out.writeInteger(UInt8(ascii: "\""))
+        case .name(let s):
+            JSON.writeString(s, into: &out)
+        }
+    }
+}
+
+/// A piece of output: bytes of the input, or something written. (Not `indirect`: the writers'
+/// arrays hold the nesting, and the common case, `bytes`, needs no box.)
+private enum Piece {
     case bytes(Range<Int>)
     case literal(String)
     case string(String)
@@ -182,10 +259,10 @@ private indirect enum Piece {
 }
 
 private struct ObjectWriter {
-    var members: [(key: String, piece: Piece)] = []
+    var members: [(key: Key, piece: Piece)] = []
     init() {}
-    init(_ members: [(key: String, piece: Piece)]) { self.members = members }
-    mutating func member(_ key: String, _ piece: Piece) { members.append((key, piece)) }
+    init(_ members: [(key: Key, piece: Piece)]) { self.members = members }
+    mutating func member(_ key: Key, _ piece: Piece) { members.append((key, piece)) }
 
     func write(_ raw: UnsafeRawBufferPointer, into out: inout ByteBuffer) {
         writeOpen(raw, into: &out, moreFollows: false)
@@ -197,7 +274,7 @@ private struct ObjectWriter {
         out.writeStaticString("{")
         for (i, m) in members.enumerated() {
             if i > 0 { out.writeStaticString(",") }
-            JSON.writeString(m.key, into: &out)
+            m.key.write(raw, into: &out)
             out.writeStaticString(":")
             m.piece.write(raw, into: &out)
         }
@@ -208,7 +285,7 @@ private struct ObjectWriter {
     func writeClose(_ raw: UnsafeRawBufferPointer, into out: inout ByteBuffer) {
         for m in members {
             out.writeStaticString(",")
-            JSON.writeString(m.key, into: &out)
+            m.key.write(raw, into: &out)
             out.writeStaticString(":")
             m.piece.write(raw, into: &out)
         }
@@ -234,7 +311,8 @@ private struct ArrayWriter {
 
 /// What splicing needs of a batch, read in one validating pass: the top-level members (ranges
 /// absolute in the batch) and, when `events` is an array, each event's members and the members of
-/// its first `data` member when that is an object. Keys stay as bytes of the batch.
+/// its first `data` member when that is an object. Keys stay as bytes of the batch. All events'
+/// members share one array (and their data members another): two allocations, not two per event.
 private struct BatchOutline {
     struct Member {
         var key: JSONKey
@@ -242,17 +320,20 @@ private struct BatchOutline {
     }
     struct Event {
         var range: Range<Int>
-        /// Empty when the event is not an object.
-        var members: [Member] = []
-        /// Index in `members` of the first `data` member, and its members when it is an object.
+        /// Its members in `eventMembers`; empty when the event is not an object.
+        var members: Range<Int> = 0..<0
+        /// Index in `eventMembers` of the first `data` member, and its members in `dataMembers`
+        /// when it is an object.
         var dataIndex: Int?
-        var data: [Member]?
+        var data: Range<Int>?
     }
 
     var members: [Member] = []
     /// Index in `members` of the first `events` member, when it is an array (then `events` lists it).
     var eventsMember: Int?
     var events: [Event] = []
+    var eventMembers: [Member] = []
+    var dataMembers: [Member] = []
 
     init(_ raw: UnsafeRawBufferPointer) throws(JSONError) {
         var scanner = JSONScanner(raw, maxDepth: .max)
@@ -260,6 +341,11 @@ private struct BatchOutline {
         var eventsMember: Int?
         var seenEvents = false
         var events: [Event] = []
+        // Room for a typical batch (one member every ~40 bytes), so that the arrays rarely grow.
+        var eventMembers: [Member] = []
+        eventMembers.reserveCapacity(raw.count / 64 + 16)
+        var dataMembers: [Member] = []
+        dataMembers.reserveCapacity(raw.count / 64 + 16)
         do {
             scanner.skipWhitespace()
             try scanner.readObject(depth: 0) { s, key in
@@ -272,7 +358,10 @@ private struct BatchOutline {
                         return
                     }
                     eventsMember = members.count
-                    try s.readArray(depth: 1) { s, _ in events.append(try BatchOutline.event(&s)) }
+                    events.reserveCapacity(64)
+                    try s.readArray(depth: 1) { s, _ in
+                        events.append(try BatchOutline.event(&s, members: &eventMembers, data: &dataMembers))
+                    }
                 } else {
                     try s.skipValue(depth: 1)
                 }
@@ -287,35 +376,39 @@ private struct BatchOutline {
         self.members = members
         self.eventsMember = eventsMember
         self.events = events
+        self.eventMembers = eventMembers
+        self.dataMembers = dataMembers
     }
 
-    private static func event(_ s: inout JSONScanner) throws -> Event {
+    private static func event(_ s: inout JSONScanner, members: inout [Member], data: inout [Member]) throws -> Event {
         let start = s.position
         guard s.peek() == UInt8(ascii: "{") else {
             try s.skipValue(depth: 2)
             return Event(range: start..<s.position)
         }
         var event = Event(range: start..<start)
+        let first = members.count
         try s.readObject(depth: 2) { s, key in
             let valueStart = s.position
             if event.dataIndex == nil, key.is("data") {
-                event.dataIndex = event.members.count
+                event.dataIndex = members.count
                 if s.peek() == UInt8(ascii: "{") {
-                    var data: [Member] = []
+                    let firstData = data.count
                     try s.readObject(depth: 3) { s, key in
                         let dataStart = s.position
                         try s.skipValue(depth: 4)
                         data.append(Member(key: key, range: dataStart..<s.position))
                     }
-                    event.data = data
+                    event.data = firstData..<data.count
                 } else {
                     try s.skipValue(depth: 3)
                 }
             } else {
                 try s.skipValue(depth: 3)
             }
-            event.members.append(Member(key: key, range: valueStart..<s.position))
+            members.append(Member(key: key, range: valueStart..<s.position))
         }
+        event.members = first..<members.count
         event.range = start..<s.position
         return event
     }
