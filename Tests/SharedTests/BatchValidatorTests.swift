@@ -20,8 +20,19 @@ final class BatchValidatorTests: XCTestCase {
     func testEveryEventTypeIsKnown() throws {
         for t in EventType.allCases {
             XCTAssertNoThrow(try validate("{\"environment\":\"production\",\"events\":[{\"event_type\":\"\(t.rawValue)\",\"data\":{}}]}"))
+            // The same name written with escapes is the same type.
+            let escaped = t.rawValue.replacingOccurrences(of: "_", with: "\\u005f").replacingOccurrences(of: "e", with: "\\u0065")
+            XCTAssertNoThrow(try validate("{\"environment\":\"production\",\"events\":[{\"event_type\":\"\(escaped)\",\"data\":{}}]}"))
+            XCTAssertEqual(type("\"\(t.rawValue)\""), t)
+            XCTAssertEqual(type("\"\(escaped)\""), t)
+        }
+        // Near misses are not types.
+        for text in ["\"custom_even\"", "\"custom_eventx\"", "\"Custom_event\"", "\"\"", "\"session_start \"", "\"uninstal\"", "custom_event", "\""] {
+            XCTAssertNil(type(text), text)
         }
     }
+
+    private func type(_ json: String) -> EventType? { Array(json.utf8).withUnsafeBytes { EventType(json: $0) } }
 
     func testErrorsNameTheField() {
         let cases: [(String, String)] = [
@@ -35,6 +46,9 @@ final class BatchValidatorTests: XCTestCase {
             ("{\"environment\":\"production\",\"events\":[1]}", "events[0] must be an object"),
             ("{\"environment\":\"production\",\"events\":[{\"data\":{}}]}", "events[0]: required event field \"event_type\""),
             ("{\"environment\":\"production\",\"events\":[{\"event_type\":\"nope\",\"data\":{}}]}", "unknown event_type \"nope\""),
+            ("{\"environment\":\"production\",\"events\":[{\"event_type\":\"n\\u006fpe\",\"data\":{}}]}", "unknown event_type \"nope\""),
+            ("{\"environment\":\"production\",\"events\":[{\"event_type\":\"\",\"data\":{}}]}", "\"event_type\" is missing or empty"),
+            ("{\"environment\":\"production\",\"events\":[{\"event_type\":7,\"data\":{}}]}", "\"event_type\" must be a string"),
             ("{\"environment\":\"production\",\"events\":[{\"event_type\":\"custom_event\"}]}", "\"data\" is missing"),
             ("{\"environment\":\"production\",\"events\":[{\"event_type\":\"custom_event\",\"data\":[]}]}", "\"data\" must be an object"),
             ("{\"environment\":\"production\",\"events\":[{\"event_type\":\"custom_event\",\"data\":{\"session_id\":\"abc\"}}]}", "data.session_id"),

@@ -42,11 +42,20 @@ public struct KafkaConnectionSettings: Sendable, Equatable {
     /// Whether an event of this type is forwarded under these settings.
     public func forwards(eventType: String) -> Bool {
         guard Self.supportedEventTypes.contains(eventType) else { return false }
-        switch eventType {
-        case "network_performance": return sendNetworkPerformanceEvents
-        case "profile": return sendProfileChangeEvents
-        case "user_attribute_change": return includeUserAttributeChangeEvents
-        case "user_identity_change": return includeUserIdentityChangeEvents
+        return EventType(rawValue: eventType).map(forwards) ?? true
+    }
+
+    /// Whether the integration forwards this type at all (`supportedEventTypes`).
+    static func supports(_ type: EventType) -> Bool { supportedTypes.contains(type) }
+    private static let supportedTypes = Set(EventType.allCases.filter { supportedEventTypes.contains($0.rawValue) })
+
+    /// Whether these settings forward a supported type (the switches for the optional ones).
+    func forwards(_ type: EventType) -> Bool {
+        switch type {
+        case .networkPerformance: return sendNetworkPerformanceEvents
+        case .profile: return sendProfileChangeEvents
+        case .userAttributeChange: return includeUserAttributeChangeEvents
+        case .userIdentityChange: return includeUserIdentityChangeEvents
         default: return true
         }
     }

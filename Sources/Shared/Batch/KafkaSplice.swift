@@ -171,26 +171,8 @@ extension KafkaConnectionSettings {
 
     /// What becomes of an event with this `event_type` value (its JSON bytes; nil when absent).
     private func verdict(eventType value: UnsafeRawBufferPointer?) -> Verdict {
-        guard let value, JSON.kind(value) == .string else { return .unsupported }
-        let body = JSONKey(raw: UnsafeRawBufferPointer(rebasing: value.dropFirst().dropLast()), escaped: value.contains(UInt8(ascii: "\\")))
-        guard !body.escaped else {
-            let type = JSON.string(value) ?? ""
-            guard Self.supportedEventTypes.contains(type) else { return .unsupported }
-            return forwards(eventType: type) ? .forwarded : .filtered
-        }
-        // The common types first; each test is a length check, then a memcmp.
-        if body.is("custom_event") || body.is("screen_view") || body.is("commerce_event") || body.is("session_start")
-            || body.is("session_end") || body.is("breadcrumb") || body.is("application_state_transition")
-            || body.is("crash_report") || body.is("first_run") || body.is("opt_out") || body.is("push_message")
-            || body.is("push_registration") || body.is("uninstall")
-        {
-            return .forwarded
-        }
-        if body.is("network_performance") { return sendNetworkPerformanceEvents ? .forwarded : .filtered }
-        if body.is("profile") { return sendProfileChangeEvents ? .forwarded : .filtered }
-        if body.is("user_attribute_change") { return includeUserAttributeChangeEvents ? .forwarded : .filtered }
-        if body.is("user_identity_change") { return includeUserIdentityChangeEvents ? .forwarded : .filtered }
-        return .unsupported
+        guard let value, let type = EventType(json: value), Self.supports(type) else { return .unsupported }
+        return forwards(type) ? .forwarded : .filtered
     }
 
     /// Whether these settings drop a top-level member with this key.
