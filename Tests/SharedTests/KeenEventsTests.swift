@@ -25,6 +25,17 @@ final class KeenEventsTests: XCTestCase {
         XCTAssertEqual(KeenDestination.keenPropertyName("fine_name"), "fine_name")
         XCTAssertEqual(KeenDestination.keenPropertyName(""), "_")
         XCTAssertEqual(KeenDestination.keenPropertyName(String(repeating: "n", count: 300)).count, 255)
+        XCTAssertEqual(KeenDestination.keenPropertyName("$"), "mp_")
+        XCTAssertEqual(KeenDestination.keenPropertyName("$a.b.c"), "mp_a_b_c")
+        XCTAssertEqual(KeenDestination.keenPropertyName("."), "_")
+        XCTAssertEqual(KeenDestination.keenPropertyName("é.日本"), "é_日本")
+        XCTAssertEqual(KeenDestination.keenPropertyName("a$b"), "a$b")
+        XCTAssertEqual(KeenDestination.keenPropertyName("." + String(repeating: "é", count: 300)), "_" + String(repeating: "é", count: 254))
+        // Clashes in a large object (more than 16 members) too.
+        let large = JSONValue.object((0..<20).map { .init("k\($0)", .number("\($0)")) } + [.init("k.1", .null), .init("k_1", .null)])
+        XCTAssertEqual(
+            KeenDestination.renamed(large).jsonString,
+            "{" + (0..<20).map { "\"k\($0)\":\($0)" }.joined(separator: ",") + #","k_1":null,"k_1_2":null}"#)
         let nested = try! JSONValue.parse(#"{"a.b":{"$c":[{"d.e":1}],"ok":2},"a_b":3}"#)
         XCTAssertEqual(
             KeenDestination.renamed(nested).jsonString,

@@ -41,12 +41,25 @@ extension KeenDestination {
         if includeDevice { copy("device_info") }
         if includeApplication { copy("application_info") }
         let batchTime = batch["timestamp_unixtime_ms"]?.int64Value ?? receivedAt
-        let renamedContext = Self.renamed(.object(context))
+        // The batch context is the same in every event: written once, copied into each.
+        let contextBytes = Self.renamed(.object(context)).jsonBytes
+
+        // A batch's events have a few types: each one's collection (a template filled in with
+        // Foundation's `replacingOccurrences`, 12% of the mapping's time when done per event) and
+        // its check, once per batch.
+        var collections: [(type: String, name: String, problem: String?)] = []
+        func collectionOf(_ type: String) -> (String, String?) {
+            if let known = collections.first(where: { $0.type == type }) { return (known.name, known.problem) }
+            let name = collection(eventType: type)
+            let problem = Self.collectionProblem(name)
+            collections.append((type, name, problem))
+            return (name, problem)
+        }
 
         for (index, event) in events.enumerated() {
             let type = event["event_type"]?.stringValue ?? "unknown"
-            let collection = collection(eventType: type)
-            if let problem = Self.collectionProblem(collection) {
+            let (collection, collectionProblem) = collectionOf(type)
+            if let problem = collectionProblem {
                 output.rejected.append((index, "event \(index): \(problem)"))
                 continue
             }
@@ -61,8 +74,10 @@ extension KeenDestination {
             // was renamed once for the batch; `event_type`, `mparticle`, `sluice` need no renaming.
             var object = Self.renamed(.object(members))
             guard case .object(var renamedMembers) = object else { continue }
-            var names = Set(renamedMembers.map(\.key))
-            func add(_ key: String, _ value: JSONValue) {
+            var names = Names(capacity: renamedMembers.count + 4)
+            for m in renamedMembers { names.insert(m.key) }
+            @discardableResult
+            func add(_ key: String, _ value: JSONValue) -> String {
                 var name = key
                 var n = 2
                 while names.contains(name) {
@@ -71,9 +86,10 @@ extension KeenDestination {
                 }
                 names.insert(name)
                 renamedMembers.append(.init(name, value))
+                return name
             }
             add("event_type", .string(type))
-            add("mparticle", renamedContext)
+            let contextName = add("mparticle", .null)  // its value: `contextBytes`, when written
             var sluice: [JSONValue.Member] = [.init("event_index", .number(String(index))), .init("event_id", .string(eventID))]
             if let batchID { sluice.insert(.init("batch_id", .string(batchID)), at: 0) }
             add("sluice", .object(sluice))
@@ -83,7 +99,17 @@ extension KeenDestination {
             ]
             if uniquenessToken { keen.append(.init("uniqueness_token", .string(eventID))) }
             object["keen"] = .object(keen)
-            let bytes = object.jsonBytes
+            guard case .object(let final) = object else { continue }
+            var bytes = ByteBuffer()
+            bytes.reserveCapacity(contextBytes.readableBytes + 1024)
+            bytes.writeStaticString("{")
+            for (i, m) in final.enumerated() {
+                if i > 0 { bytes.writeStaticString(",") }
+                JSON.writeString(m.key, into: &bytes)
+                bytes.writeStaticString(":")
+                if m.key == contextName { bytes.writeImmutableBuffer(contextBytes) } else { m.value.write(into: &bytes) }
+            }
+            bytes.writeStaticString("}")
             guard bytes.readableBytes <= Self.maxEventBytes else {
                 output.rejected.append(
                     (index, "event \(index) is \(bytes.readableBytes) bytes; Keen skips events over \(Self.maxEventBytes) bytes"))
@@ -117,17 +143,20 @@ extension KeenDestination {
         // Most names need nothing: no `.`, no leading `$`, not empty, short.
         let utf8 = name.utf8
         if !utf8.isEmpty, utf8.count < 256, utf8.first != UInt8(ascii: "$"), !utf8.contains(UInt8(ascii: ".")) { return name }
-        var n = name.replacingOccurrences(of: ".", with: "_")
-        if n.hasPrefix("$") { n = "mp_" + n.dropFirst() }
-        if n.isEmpty { n = "_" }
-        if n.count > 255 { n = String(n.prefix(255)) }
-        return n
+        // On the bytes, without Foundation.
+        var bytes: [UInt8] = []
+        bytes.reserveCapacity(utf8.count + 2)
+        if utf8.first == UInt8(ascii: "$") { bytes.append(contentsOf: "mp_".utf8) }
+        for b in utf8.dropFirst(utf8.first == UInt8(ascii: "$") ? 1 : 0) { bytes.append(b == UInt8(ascii: ".") ? UInt8(ascii: "_") : b) }
+        if bytes.isEmpty { return "_" }
+        let n = String(decoding: bytes, as: UTF8.self)
+        return n.count > 255 ? String(n.prefix(255)) : n
     }
 
     static func renamed(_ value: JSONValue) -> JSONValue {
         switch value {
         case .object(let members):
-            var used = Set<String>()
+            var used = Names(capacity: members.count)
             var out: [JSONValue.Member] = []
             out.reserveCapacity(members.count)
             for m in members {
@@ -145,6 +174,20 @@ extension KeenDestination {
             return .array(items.map(renamed))
         default:
             return value
+        }
+    }
+
+    /// The names taken in one object: a list while short (most objects have a few members, and
+    /// hashing each name cost more than comparing it), a set beyond that.
+    struct Names {
+        private var list: [String] = []
+        private var set: Set<String>?
+        init(capacity: Int) {
+            if capacity > 16 { set = Set(minimumCapacity: capacity) } else { list.reserveCapacity(capacity) }
+        }
+        func contains(_ name: String) -> Bool { set?.contains(name) ?? list.contains(name) }
+        mutating func insert(_ name: String) {
+            if set != nil { set!.insert(name) } else { list.append(name) }
         }
     }
 
