@@ -186,4 +186,56 @@ final class JSONFuzzTests: XCTestCase {
         }
         XCTAssertGreaterThan(compared, 4_000)
     }
+
+    /// The one-pass tree builder against the multi-pass one it replaced (validate, then each level
+    /// split into members or elements and built again): same acceptance, same trees.
+    func testOnePassTreeAgreesWithMultiPassReference() {
+        var rng = SeededRNG(state: 11_2026)
+        var accepted = 0
+        for round in 0..<10_000 {
+            let batch = randomBatch(&rng)
+            var bytes = round % 3 == 0 ? mutate(batch, &rng) : Array(batch.utf8)
+            if round % 5 == 0 {
+                // A string with escapes and multi-byte characters, valid or not.
+                bytes.insert(contentsOf: Array("\"k\\u0041\":\"".utf8) + randomBody(&rng, invalidChance: 5) + Array("\",".utf8), at: 1)
+            }
+            if round % 7 == 0 { bytes = Array("  \n".utf8) + bytes + Array("\t ".utf8) }
+            let ours = bytes.withUnsafeBytes { raw in try? JSONValue.parse(raw) }
+            let theirs = bytes.withUnsafeBytes { raw in Self.multiPassTree(raw) }
+            XCTAssertEqual(ours, theirs, "round \(round): \(String(decoding: bytes, as: UTF8.self))")
+            if ours != nil { accepted += 1 }
+        }
+        XCTAssertGreaterThan(accepted, 3_000)
+        // The depth limit is the validator's (64 levels).
+        for levels in [63, 64, 65, 66] {
+            let doc = String(repeating: "[", count: levels) + String(repeating: "]", count: levels)
+            XCTAssertEqual((try? JSONValue.parse(doc)) != nil, (try? JSON.validate(ByteBuffer(string: doc))) != nil, "\(levels)")
+            XCTAssertEqual((try? JSONValue.parse(doc)) != nil, levels <= 64, "\(levels)")
+        }
+    }
+
+    static func multiPassTree(_ bytes: UnsafeRawBufferPointer) -> JSONValue? {
+        guard (try? JSON.validate(bytes)) != nil else { return nil }
+        var start = 0
+        var end = bytes.count
+        func space(_ b: UInt8) -> Bool { b == 0x20 || b == 0x0A || b == 0x0D || b == 0x09 }
+        while start < end, space(bytes[start]) { start += 1 }
+        while end > start, space(bytes[end - 1]) { end -= 1 }
+        func build(_ bytes: UnsafeRawBufferPointer) -> JSONValue {
+            switch JSON.kind(bytes) {
+            case .null: return .null
+            case .bool: return .bool(bytes.first == UInt8(ascii: "t"))
+            case .number: return .number(String(decoding: bytes, as: UTF8.self))
+            case .string: return .string(JSON.string(bytes) ?? "")
+            case .array:
+                return .array(((try? JSON.elements(bytes, maxDepth: .max)) ?? []).map { build(UnsafeRawBufferPointer(rebasing: bytes[$0])) })
+            case .object:
+                return .object(
+                    ((try? JSON.members(bytes, maxDepth: .max)) ?? []).map {
+                        JSONValue.Member($0.key, build(UnsafeRawBufferPointer(rebasing: bytes[$0.range])))
+                    })
+            }
+        }
+        return build(UnsafeRawBufferPointer(rebasing: bytes[start..<end]))
+    }
 }
