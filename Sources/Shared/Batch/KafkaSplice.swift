@@ -1,11 +1,5 @@
 import NIOCore
 
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Darwin)
-import Darwin
-#endif
-
 /// The connection settings applied by splicing bytes: the output is cut from the batch's own
 /// bytes, with small inserts (a converted `user_identities`, `unique_id`) — no tree of Swift
 /// values is built and nothing untouched is re-serialised. Same result as `apply` (the tree-based
