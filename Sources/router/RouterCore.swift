@@ -392,6 +392,11 @@ actor RouterCore {
                     let (payload, parts) = Frame.pack(group.map { ($0.payload, $0.topic, $0.eventID) })
                     for (i, slice) in Frame.slices(of: payload, parts).enumerated() { group[i].payload = slice }
                     packed = (payload, parts)
+                } else if group[0].payload.storageCapacity > 2 * group[0].payload.readableBytes {
+                    // A slice of something larger (per event, the splice cuts all of a batch's
+                    // messages from one buffer): kept alone it would pin bytes the backlog does
+                    // not count. Copied.
+                    group[0].payload = ByteBuffer(bytes: group[0].payload.readableBytesView)
                 }
                 items.append(
                     Work(

@@ -234,6 +234,10 @@ final class RouterCoreTests: XCTestCase {
         XCTAssertEqual(try sent.map { try $0.messages().count }, [2, 1])
         XCTAssertEqual(try sent[0].messages().map { $0.part?.eventID }, ["m0", "m1"])
         XCTAssertEqual(sent[1].headers?.last, Header("sluice-event-id", "m2"))
+        // The message sent alone holds its own bytes, not the whole batch's output it was cut from
+        // (the backlog counts only its bytes).
+        let alone = try XCTUnwrap(sent[1].payload)
+        XCTAssertLessThan(alone.storageCapacity, 2 * alone.readableBytes)
         for f in sent { await core.outcome(.ack(f.id), from: out) }
         XCTAssertEqual(ingest.takeQueued(), [.ack(1)])
     }

@@ -114,18 +114,6 @@ final class KafkaSpliceTests: XCTestCase {
         }
     }
 
-    /// Per event, each message owns its storage: the router may keep one message alone (the last
-    /// of a group) and counts only its bytes, so it must not hold the other events' bytes too.
-    func testPerEventMessagesDoNotShareStorage() throws {
-        var settings = KafkaConnectionSettings()
-        settings.sendAsBatch = false
-        let event = #"{"event_type":"custom_event","data":{"event_name":"e","custom_attributes":{"k":"\#(String(repeating: "v", count: 2000))"}}}"#
-        let batch = ByteBuffer(string: #"{"environment":"production","events":["# + Array(repeating: event, count: 40).joined(separator: ",") + "]}")
-        let messages = try settings.splice(batch, receivedAt: 0).messages
-        XCTAssertEqual(messages.count, 40)
-        for message in messages { XCTAssertLessThan(message.storageCapacity, 2 * message.readableBytes + 1024) }
-    }
-
     func testUntouchedBatchIsForwardedByteForByte() throws {
         var settings = KafkaConnectionSettings()
         settings.includeMPDeviceID = true

@@ -132,10 +132,8 @@ extension KafkaConnectionSettings {
             ObjectWriter(top).write(raw, into: &out)
             output.messages = [out]
         } else {
-            // One message per event: the top level around each event, written once. Each message
-            // has a buffer of its own: as slices of one buffer, a message the router keeps alone
-            // (the last of a group cut at 1 MB or 500 messages) would pin all the others' bytes
-            // without being counted for them.
+            // One message per event: the top level around each event, written once; all messages
+            // in one buffer, each a slice of it.
             var before = ByteBuffer()
             var after = ByteBuffer()
             ObjectWriter(Array(top[..<eventsIndex!])).writeOpen(raw, into: &before, moreFollows: true)
@@ -143,13 +141,20 @@ extension KafkaConnectionSettings {
             before.writeStaticString(":[")
             after.writeStaticString("]")
             ObjectWriter(Array(top[(eventsIndex! + 1)...])).writeClose(raw, into: &after)
-            output.messages = events.map { event in
-                var out = ByteBuffer()
-                out.reserveCapacity(before.readableBytes + after.readableBytes + 512)
-                out.writeImmutableBuffer(before)
-                event.write(raw, into: &out)
-                out.writeImmutableBuffer(after)
-                return out
+            var all = ByteBuffer()
+            all.reserveCapacity(events.count * (before.readableBytes + after.readableBytes) + raw.count + 256)
+            var ends: [Int] = []
+            ends.reserveCapacity(events.count)
+            for event in events {
+                all.writeImmutableBuffer(before)
+                event.write(raw, into: &all)
+                all.writeImmutableBuffer(after)
+                ends.append(all.writerIndex)
+            }
+            var start = 0
+            output.messages = ends.map { end in
+                defer { start = end }
+                return all.getSlice(at: start, length: end - start)!
             }
             output.eventIDs = eventIDs
         }
