@@ -97,6 +97,45 @@ final class RouterLink: FrameConnectionHandler {
         }
     }
 
+    /// The link's window over all destinations, in batch bytes, kept like a lane's: halved (to no
+    /// less than `minimum`) when the router refuses for lack of room — once per burst —, then grown
+    /// by an eighth for each window's worth of bytes acked, up to `maximum` (`totalWindowBytes`,
+    /// the router's backlog bound). The lanes' windows alone let 50 destinations hold up to
+    /// 50 × 64 batches in flight, many times what the router takes (8 MB of messages; per event
+    /// a batch's messages take 2–3× its bytes), each destination probing on its own: per event
+    /// with 50 tenants at max load the router refused 90–150 deliveries a second, each read back
+    /// from the spool and sent again, and ingest's peak RSS was 58–97 MB (docs/BENCHMARKS.md,
+    /// session 11).
+    struct LinkWindow {
+        let maximum: Int
+        let minimum: Int
+        private(set) var bytes: Int
+        private var acked = 0
+        private var cutAt: ContinuousClock.Instant?
+
+        init(maximum: Int) {
+            self.maximum = maximum
+            minimum = max(1, min(1 << 20, maximum / 8))
+            bytes = maximum
+        }
+
+        mutating func refused(at now: ContinuousClock.Instant, pause: Duration) {
+            guard cutAt.map({ now - $0 >= pause }) ?? true else { return }
+            cutAt = now
+            bytes = max(minimum, bytes / 2)
+            acked = 0
+        }
+
+        mutating func acked(_ count: Int) {
+            guard bytes < maximum else { return }
+            acked += count
+            if acked >= bytes {
+                bytes = min(maximum, bytes + max(1, bytes / 8))
+                acked = 0
+            }
+        }
+    }
+
     private struct State {
         var peer: FramePeer?
         var lanes: [DeliveryTarget: Lane] = [:]
@@ -112,9 +151,49 @@ final class RouterLink: FrameConnectionHandler {
         var readPump = false
         /// What the router last said about its outputs.
         var outputsReady = false
+        /// Batch bytes sent and unfinished, all destinations together (see `room`).
+        var inFlightBytes = 0
+        var link: LinkWindow
+        /// Destinations that had room in their own window but not in the link's: pumped when
+        /// answers come.
+        var starved: Set<DeliveryTarget> = []
+
+        mutating func reset(peer: FramePeer?) {
+            self.peer = peer
+            lanes = [:]
+            owner = [:]
+            inFlightBytes = 0
+            starved = []
+            link = LinkWindow(maximum: link.maximum)
+        }
+
+        /// Bytes `lane` may add in flight: what is left of its own window and of the link's. (A
+        /// lane with nothing in flight sends one delivery even without room: a destination that
+        /// is down and holds its window never stops the others.)
+        func room(for lane: Lane, windowBytes: Int) -> Int {
+            min(windowBytes - lane.inFlightBytes, link.bytes - inFlightBytes)
+        }
+
+        mutating func send(_ id: Int64, bytes: Int, of target: DeliveryTarget, in lane: inout Lane) {
+            lane.inFlight.insert(id)
+            lane.inFlightBytes += bytes
+            inFlightBytes += bytes
+            owner[id] = (target, bytes)
+        }
+
+        /// Forgets delivery `id` as in flight (the router answered); returns its destination and
+        /// lane, and takes the destinations that waited for room in the link's window.
+        mutating func land(_ id: Int64) -> (target: DeliveryTarget, lane: Lane, bytes: Int, starved: Set<DeliveryTarget>)? {
+            guard let (target, bytes) = owner.removeValue(forKey: id), var lane = lanes[target] else { return nil }
+            lane.inFlight.remove(id)
+            lane.inFlightBytes -= bytes
+            inFlightBytes -= bytes
+            defer { starved = [] }
+            return (target, lane, bytes, starved)
+        }
     }
 
-    private let state = NIOLockedValueBox(State())
+    private let state: NIOLockedValueBox<State>
     private let spool: Spool
     private let tenants: Tenants
     private let window: Int
@@ -128,12 +207,14 @@ final class RouterLink: FrameConnectionHandler {
     private let loop: EventLoop?
 
     init(
-        spool: Spool, tenants: Tenants, window: Int = 64, windowBytes: Int = 4 << 20, loop: EventLoop? = nil, logger: Logger
+        spool: Spool, tenants: Tenants, window: Int = 64, windowBytes: Int = 4 << 20, totalWindowBytes: Int = 8 << 20,
+        loop: EventLoop? = nil, logger: Logger
     ) {
         self.spool = spool
         self.tenants = tenants
         self.window = window
         self.windowBytes = windowBytes
+        state = NIOLockedValueBox(State(link: LinkWindow(maximum: totalWindowBytes)))
         self.loop = loop
         self.logger = logger
     }
@@ -145,20 +226,14 @@ final class RouterLink: FrameConnectionHandler {
     var inFlight: Int { state.withLockedValue { s in s.lanes.values.reduce(0) { $0 + $1.inFlight.count } } }
 
     func connected(_ peer: FramePeer) async {
-        state.withLockedValue { s in
-            s.peer = peer
-            s.lanes = [:]
-            s.owner = [:]
-        }
+        state.withLockedValue { s in s.reset(peer: peer) }
         pump()
     }
 
     func disconnected(_ peer: FramePeer) async {
         state.withLockedValue { s in
             guard s.peer == peer else { return }
-            s.peer = nil
-            s.lanes = [:]
-            s.owner = [:]
+            s.reset(peer: nil)
             s.outputsReady = false
         }
     }
@@ -181,11 +256,11 @@ final class RouterLink: FrameConnectionHandler {
             if frame.retryable == true {
                 // The router cannot take it now: this destination pauses, then resumes from here.
                 metrics.routerRefusals.increment()
-                let refused = state.withLockedValue { s -> DeliveryTarget? in
-                    guard let (target, bytes) = s.owner.removeValue(forKey: id), var lane = s.lanes[target] else { return nil }
-                    lane.inFlight.remove(id)
-                    lane.inFlightBytes -= bytes
+                let refused = state.withLockedValue { s -> (target: DeliveryTarget, starved: Set<DeliveryTarget>)? in
+                    guard let (target, landed, _, starved) = s.land(id) else { return nil }
+                    var lane = landed
                     let now = ContinuousClock.now
+                    s.link.refused(at: now, pause: RouterLink.refusalPause)
                     if lane.cutAt.map({ now - $0 >= RouterLink.refusalPause }) ?? true {
                         lane.cut()
                         lane.cutAt = now
@@ -193,12 +268,13 @@ final class RouterLink: FrameConnectionHandler {
                     lane.cursor = min(lane.cursor, id - 1)
                     lane.pausedUntil = now + RouterLink.refusalPause
                     s.lanes[target] = lane
-                    return target
+                    return (target, starved)
                 }
                 if let refused {
+                    if !refused.starved.isEmpty { pump(Array(refused.starved)) }
                     Task {
                         try? await Task.sleep(for: RouterLink.refusalPause + .milliseconds(10))
-                        self.pump([refused])
+                        self.pump([refused.target])
                     }
                 }
             } else {
@@ -218,15 +294,15 @@ final class RouterLink: FrameConnectionHandler {
 
     private func finish(_ id: Int64, deadLetter: Spool.DeadLetter?) {
         spool.complete(delivery: id, deadLetter: deadLetter)
-        let target = state.withLockedValue { s -> DeliveryTarget? in
-            guard let (target, bytes) = s.owner.removeValue(forKey: id), var lane = s.lanes[target] else { return nil }
-            lane.inFlight.remove(id)
-            lane.inFlightBytes -= bytes
+        let landed = state.withLockedValue { s -> [DeliveryTarget] in
+            guard let (target, landed, bytes, starved) = s.land(id) else { return [] }
+            var lane = landed
             lane.grow(upTo: window)
+            s.link.acked(bytes)
             s.lanes[target] = lane
-            return target
+            return [target] + starved
         }
-        if let target { pump([target]) }
+        if !landed.isEmpty { pump(landed) }
     }
 
     /// Sends waiting deliveries that the router has not seen on this connection, for every
@@ -301,15 +377,20 @@ final class RouterLink: FrameConnectionHandler {
             var needRead = false
             for target in targets {
                 let waiting = spool.backlog(of: target)
-                let plan = state.withLockedValue { s -> (FramePeer, Int64, Int)? in
+                let plan = state.withLockedValue { s -> (FramePeer, Int64, Int, bytes: Int)? in
                     guard let peer = s.peer else { return nil }
                     let lane = s.lanes[target] ?? Lane(window: window)
                     if !full && waiting <= lane.inFlight.count { return nil }  // all of it is in flight
                     if let until = lane.pausedUntil, until > .now { return nil }
-                    guard lane.inFlight.count < lane.window, lane.inFlightBytes < windowBytes else { return nil }
-                    return (peer, lane.cursor, lane.window - lane.inFlight.count)
+                    guard lane.inFlight.count < lane.window else { return nil }
+                    let room = s.room(for: lane, windowBytes: windowBytes)
+                    guard room > 0 || lane.inFlight.isEmpty else {
+                        s.starved.insert(target)
+                        return nil
+                    }
+                    return (peer, lane.cursor, room > 0 ? lane.window - lane.inFlight.count : 1, room)
                 }
-                guard let (peer, cursor, room) = plan else { continue }
+                guard let (peer, cursor, room, roomBytes) = plan else { continue }
                 do {
                     // The idle pump reads the spool itself: it also finds what another process put back.
                     var deliveries: [SpooledDelivery]
@@ -324,13 +405,14 @@ final class RouterLink: FrameConnectionHandler {
                         deliveries = try spool.pending(target, after: cursor, limit: room, fromMemory: !full)
                     }
                     guard !deliveries.isEmpty else { continue }
-                    // Within the lane's byte window (at least one: a batch larger than it still goes).
-                    let used = state.withLockedValue { $0.lanes[target]?.inFlightBytes ?? 0 }
-                    var total = used
+                    // Within the lane's byte window and the link's (at least one when none is in
+                    // flight: a batch larger than either still goes).
+                    let idle = state.withLockedValue { $0.lanes[target]?.inFlight.isEmpty ?? true }
+                    var added = 0
                     var fits = 0
                     for d in deliveries {
-                        if fits > 0 || used > 0, total + d.payload.readableBytes > windowBytes { break }
-                        total += d.payload.readableBytes
+                        if fits > 0 || !idle, added + d.payload.readableBytes > roomBytes { break }
+                        added += d.payload.readableBytes
                         fits += 1
                     }
                     if fits == 0 { continue }
@@ -352,11 +434,7 @@ final class RouterLink: FrameConnectionHandler {
                         guard s.peer == peer, (s.lanes[target]?.cursor ?? 0) == cursor else { return false }
                         var lane = s.lanes[target] ?? Lane(window: window)
                         lane.cursor = deliveries.last!.id
-                        for d in deliveries {
-                            lane.inFlight.insert(d.id)
-                            lane.inFlightBytes += d.payload.readableBytes
-                            s.owner[d.id] = (target, d.payload.readableBytes)
-                        }
+                        for d in deliveries { s.send(d.id, bytes: d.payload.readableBytes, of: target, in: &lane) }
                         s.lanes[target] = lane
                         return true
                     }

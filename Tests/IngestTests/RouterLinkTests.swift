@@ -16,7 +16,10 @@ final class RouterLinkTests: XCTestCase {
 
     let target = DeliveryTarget(tenant: "acme", destination: "main")
 
-    func makeLink(window: Int, loop: EventLoop? = nil) throws -> (Spool, RouterLink) {
+    func makeLink(
+        window: Int, totalWindowBytes: Int = 6 << 20, destinations: [String] = ["main"], loop: EventLoop? = nil
+    ) throws -> (Spool, RouterLink) {
+        let lines = destinations.map { "          \($0): {kind: kafka, bootstrap_servers: dev, plaintext: true, topic: t-\($0)}" }
         let config = try SluiceConfig.parse(
             yaml: """
                 tenants:
@@ -24,10 +27,12 @@ final class RouterLinkTests: XCTestCase {
                     api_key: acme-key
                     api_secret: acme-secret
                     destinations:
-                      main: {kind: kafka, bootstrap_servers: dev, plaintext: true, topic: t}
+                \(lines.joined(separator: "\n"))
                 """)
         let spool = try Spool(directory: dir, maxBytes: 1 << 24)
-        let link = RouterLink(spool: spool, tenants: Tenants(config), window: window, loop: loop, logger: Logger(label: "test"))
+        let link = RouterLink(
+            spool: spool, tenants: Tenants(config), window: window, totalWindowBytes: totalWindowBytes, loop: loop,
+            logger: Logger(label: "test"))
         return (spool, link)
     }
 
@@ -96,5 +101,61 @@ final class RouterLinkTests: XCTestCase {
         XCTAssertFalse(more.isEmpty)
         try await link.received(.nack(more[0].id, reason: "router backlog is full", retryable: true), from: peer)
         XCTAssertEqual(link.window(of: target), 4)
+    }
+
+    func append(_ count: Int, bytes: Int, to destinations: [String], in spool: Spool) async throws {
+        let body = "{\"p\":\"" + String(repeating: "x", count: bytes - 8) + "\"}"
+        for _ in 0..<count {
+            _ = try await spool.append(
+                tenant: "acme", destinations: destinations,
+                batches: [ValidatedBatch(bytes: ByteBuffer(string: body), mpid: nil, eventCount: 1)])
+        }
+    }
+
+    /// The link's byte window spans all destinations: once it is full, a destination sends only
+    /// when it has nothing in flight (one delivery: none is ever stopped by the others), and
+    /// everything still goes, once.
+    func testTheLinksWindowBoundsWhatAllDestinationsHaveInFlight() async throws {
+        let names = (0..<10).map { "d\($0)" }
+        let (spool, link) = try makeLink(window: 64, totalWindowBytes: 10_000, destinations: names)
+        try await append(5, bytes: 1_000, to: names, in: spool)
+        let peer = FramePeer()
+        await link.connected(peer)
+        var frames = try await sent(peer, atLeast: 18)
+        try await Task.sleep(for: .milliseconds(50))
+        frames += peer.takeQueued().filter { $0.type == .batch }
+        XCTAssertEqual(frames.count, 18, "two destinations fill the 10,000 bytes, the eight others one each")
+        XCTAssertEqual(Set(frames.compactMap(\.destination)).count, 10)
+        var delivered: [UInt64] = []
+        while let frame = frames.first {
+            frames.removeFirst()
+            try await link.received(.ack(frame.id), from: peer)
+            delivered.append(frame.id)
+            XCTAssertLessThanOrEqual(link.inFlight, 18)
+            try await Task.sleep(for: .milliseconds(2))
+            frames += peer.takeQueued().filter { $0.type == .batch }
+        }
+        XCTAssertEqual(delivered.count, 50)
+        XCTAssertEqual(Set(delivered).count, 50)
+        XCTAssertEqual(link.inFlight, 0)
+    }
+
+    /// A refusal halves the link's window too (once per burst); acks grow it back by an eighth per
+    /// window's worth.
+    func testRefusalsHalveTheLinksWindow() async throws {
+        let (spool, link) = try makeLink(window: 64, totalWindowBytes: 10_000)
+        try await append(60, bytes: 1_000, to: ["main"], in: spool)
+        let peer = FramePeer()
+        await link.connected(peer)
+        let first = try await sent(peer, atLeast: 10)
+        XCTAssertEqual(first.count, 10)
+        for frame in first { try await link.received(.nack(frame.id, reason: "router backlog is full", retryable: true), from: peer) }
+        let again = try await sent(peer, atLeast: 5)
+        XCTAssertEqual(again.map(\.id), Array(first[0..<5].map(\.id)), "after the pause, from the refused one, in 5,000 bytes")
+        for frame in again { try await link.received(.ack(frame.id), from: peer) }
+        let grown = try await sent(peer, atLeast: 5)
+        try await Task.sleep(for: .milliseconds(50))
+        XCTAssertEqual(grown.count + peer.takeQueued().filter { $0.type == .batch }.count, 5, "5,625 bytes: still 5 of 1,000")
+        XCTAssertEqual(link.inFlight, 5)
     }
 }
