@@ -17,7 +17,7 @@ final class RouterLinkTests: XCTestCase {
     let target = DeliveryTarget(tenant: "acme", destination: "main")
 
     func makeLink(
-        window: Int, totalWindowBytes: Int = 6 << 20, destinations: [String] = ["main"], loop: EventLoop? = nil
+        window: Int, totalWindowBytes: Int = 8 << 20, destinations: [String] = ["main"], loop: EventLoop? = nil
     ) throws -> (Spool, RouterLink) {
         let lines = destinations.map { "          \($0): {kind: kafka, bootstrap_servers: dev, plaintext: true, topic: t-\($0)}" }
         let config = try SluiceConfig.parse(
