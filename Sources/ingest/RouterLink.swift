@@ -55,7 +55,8 @@ struct SpoolingSink: BatchSink {
 /// `windowBytes` of batch bytes (at least one), so a destination that is down holds only its own
 /// window and the others keep flowing, and what the router holds stays bounded per destination
 /// (64 × 11 KB ≈ 0.7 MB for typical batches: with 256 and no byte bound, 50 destinations in
-/// per-event mode took the router to 357 MB). A delivery is forgotten
+/// per-event mode took the router to 357 MB), and all destinations together share the link's
+/// window (`LinkWindow`), so what the router is sent stays near what it can hold. A delivery is forgotten
 /// only when the router reports that its destination has the batch (`ack`) or never will (a
 /// dead letter). After a reconnect (router or ingest restarted) everything unfinished is sent
 /// again: the router ignores what it is already working on, so only work a crashed router had not
@@ -377,7 +378,7 @@ final class RouterLink: FrameConnectionHandler {
             var needRead = false
             for target in targets {
                 let waiting = spool.backlog(of: target)
-                let plan = state.withLockedValue { s -> (FramePeer, Int64, Int, bytes: Int)? in
+                let plan = state.withLockedValue { s -> (FramePeer, Int64, Int, bytes: Int, idle: Bool)? in
                     guard let peer = s.peer else { return nil }
                     let lane = s.lanes[target] ?? Lane(window: window)
                     if !full && waiting <= lane.inFlight.count { return nil }  // all of it is in flight
@@ -388,9 +389,9 @@ final class RouterLink: FrameConnectionHandler {
                         s.starved.insert(target)
                         return nil
                     }
-                    return (peer, lane.cursor, room > 0 ? lane.window - lane.inFlight.count : 1, room)
+                    return (peer, lane.cursor, room > 0 ? lane.window - lane.inFlight.count : 1, room, lane.inFlight.isEmpty)
                 }
-                guard let (peer, cursor, room, roomBytes) = plan else { continue }
+                guard let (peer, cursor, room, roomBytes, idle) = plan else { continue }
                 do {
                     // The idle pump reads the spool itself: it also finds what another process put back.
                     var deliveries: [SpooledDelivery]
@@ -407,7 +408,6 @@ final class RouterLink: FrameConnectionHandler {
                     guard !deliveries.isEmpty else { continue }
                     // Within the lane's byte window and the link's (at least one when none is in
                     // flight: a batch larger than either still goes).
-                    let idle = state.withLockedValue { $0.lanes[target]?.inFlight.isEmpty ?? true }
                     var added = 0
                     var fits = 0
                     for d in deliveries {
