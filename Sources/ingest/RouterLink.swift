@@ -155,8 +155,8 @@ final class RouterLink: FrameConnectionHandler {
         /// Batch bytes sent and unfinished, all destinations together (see `room`).
         var inFlightBytes = 0
         var link: LinkWindow
-        /// Destinations that had room in their own window but not in the link's: pumped when
-        /// answers come.
+        /// Destinations that waited for byte room (in their own window or the link's): pumped
+        /// when answers come.
         var starved: Set<DeliveryTarget> = []
 
         mutating func reset(peer: FramePeer?) {
