@@ -197,28 +197,24 @@ final class SpoolTests: XCTestCase {
 
     func testAfterALargeGroupTheWriterWaitsSoTheNextGroupGrows() async throws {
         let delay = Duration.milliseconds(500)
-        let spool = try Spool(directory: dir, maxBytes: 1 << 24, commitDelay: delay, commitDelayOperations: 2)
-        let b = (0..<5).map { batch("{\"n\":\($0)}") }
-        // One operation: small, the writer goes straight on — and, with nothing queued, stops.
-        _ = try await spool.append(tenant: "t", destinations: ["a"], batches: [batch("{\"n\":0}")])
+        // Every group counts as large here (one operation or more), so the wait is certain.
+        let spool = try Spool(directory: dir, maxBytes: 1 << 24, commitDelay: delay, commitDelayOperations: 1)
+        let b = (0..<4).map { batch("{\"n\":\($0)}") }
+        _ = try await spool.append(tenant: "t", destinations: ["a"], batches: [b[0]])
         XCTAssertEqual(spool.commits.withLockedValue { $0 }, 1)
-        // Two at once: a large group (as at high load), after which the writer waits.
-        async let first = spool.append(tenant: "t", destinations: ["a"], batches: [b[1]])
-        async let second = spool.append(tenant: "t", destinations: ["a"], batches: [b[2]])
-        _ = try await (first, second)
-        let afterPair = spool.commits.withLockedValue { $0 }
-        // Two appends 100 ms apart, both inside the wait: one commit for the two.
-        async let third = spool.append(tenant: "t", destinations: ["a"], batches: [b[3]])
+        // The writer now waits before it looks again: two appends 100 ms apart share one commit.
+        async let second = spool.append(tenant: "t", destinations: ["a"], batches: [b[1]])
         try await Task.sleep(for: .milliseconds(100))
-        async let fourth = spool.append(tenant: "t", destinations: ["a"], batches: [b[4]])
-        _ = try await (third, fourth)
-        XCTAssertEqual(spool.commits.withLockedValue { $0 }, afterPair + 1, "the appends made during the wait share a commit")
-        // Once the queue ran dry the next append does not wait.
+        async let third = spool.append(tenant: "t", destinations: ["a"], batches: [b[2]])
+        _ = try await (second, third)
+        XCTAssertEqual(spool.commits.withLockedValue { $0 }, 2, "the appends made during the wait share a commit")
+        // Once the queue ran dry the writer stops; the next append starts it again without a wait.
         try await Task.sleep(for: delay * 2)
         let start = ContinuousClock.now
-        _ = try await spool.append(tenant: "t", destinations: ["a"], batches: [batch("{\"n\":5}")])
+        _ = try await spool.append(tenant: "t", destinations: ["a"], batches: [b[3]])
         XCTAssertLessThan(ContinuousClock.now - start, delay, "an append after a quiet spell commits at once")
-        XCTAssertEqual(spool.count, 6)
+        XCTAssertEqual(spool.commits.withLockedValue { $0 }, 3)
+        XCTAssertEqual(spool.count, 4)
     }
 
     func testSpoolFilesArePrivate() async throws {
