@@ -92,7 +92,11 @@ final class RouterLink: FrameConnectionHandler {
             }
         }
 
-        mutating func cut() {
+        /// The router refused one of its deliveries for lack of room: halves the window, once per
+        /// burst of refusals (`cutAt`).
+        mutating func refused(at now: ContinuousClock.Instant, pause: Duration) {
+            guard cutAt.map({ now - $0 >= pause }) ?? true else { return }
+            cutAt = now
             window = max(1, window / 2)
             acked = 0
         }
@@ -262,10 +266,7 @@ final class RouterLink: FrameConnectionHandler {
                     var lane = landed
                     let now = ContinuousClock.now
                     s.link.refused(at: now, pause: RouterLink.refusalPause)
-                    if lane.cutAt.map({ now - $0 >= RouterLink.refusalPause }) ?? true {
-                        lane.cut()
-                        lane.cutAt = now
-                    }
+                    lane.refused(at: now, pause: RouterLink.refusalPause)
                     lane.cursor = min(lane.cursor, id - 1)
                     lane.pausedUntil = now + RouterLink.refusalPause
                     s.lanes[target] = lane
