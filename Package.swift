@@ -28,6 +28,8 @@ let package = Package(
         // C system libraries (Debian: librdkafka-dev, libcurl4-openssl-dev).
         .systemLibrary(name: "CRdKafka", pkgConfig: "rdkafka", providers: [.apt(["librdkafka-dev"])]),
         .systemLibrary(name: "CCurl", pkgConfig: "libcurl", providers: [.apt(["libcurl4-openssl-dev"])]),
+        // zlib's crc32 (Debian: zlib1g-dev): the spool log's record checksums.
+        .systemLibrary(name: "CZlib", pkgConfig: "zlib", providers: [.apt(["zlib1g-dev"])]),
 
         // Frame codec, sockets, JSON layer, batch model, config, logging, CLI options.
         .target(
@@ -65,7 +67,7 @@ let package = Package(
         .executableTarget(
             name: "ingest",
             dependencies: [
-                "Shared", "Observability",
+                "Shared", "Observability", "CZlib",
                 .product(name: "CompressNIO", package: "compress-nio"),
                 .product(name: "GRDB", package: "GRDB.swift"),
                 .product(name: "NIOPosix", package: "swift-nio"),

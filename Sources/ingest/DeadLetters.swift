@@ -68,18 +68,17 @@ struct DeadLetterStore {
     }
 
     /// Puts matching dead letters back in the spool, each for its own destination only (under that
-    /// destination's current settings). Returns how many.
+    /// destination's current settings): ingest takes them in within a second (or at its next
+    /// start). Returns how many.
     func replay(_ filter: Filter) throws -> Int {
         let (condition, arguments) = filter.sql
         return try db.write { db in
+            try db.execute(sql: Spool.replaysSchema)
             let rows = try Row.fetchAll(db, sql: "SELECT * FROM dead_letters WHERE \(condition) ORDER BY id", arguments: arguments)
             for row in rows {
                 try db.execute(
-                    sql: "INSERT INTO batches (tenant, key, payload, received_at) VALUES (?, ?, ?, ?)",
-                    arguments: [row["tenant"], row["key"], row["payload"], row["received_at"]])
-                try db.execute(
-                    sql: "INSERT INTO deliveries (batch_id, tenant, destination) VALUES (?, ?, ?)",
-                    arguments: [db.lastInsertedRowID, row["tenant"], row["destination"]])
+                    sql: "INSERT INTO replays (tenant, destination, key, payload, received_at) VALUES (?, ?, ?, ?, ?)",
+                    arguments: [row["tenant"], row["destination"], row["key"], row["payload"], row["received_at"]])
                 try db.execute(sql: "DELETE FROM dead_letters WHERE id = ?", arguments: [row["id"]])
             }
             return rows.count

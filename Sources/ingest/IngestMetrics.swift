@@ -16,13 +16,16 @@ struct IngestMetrics: Sendable {
         "sluice_ingest_spool_pending_deliveries", "Deliveries (a batch for one destination) waiting in the spool.")
     let spoolCommit = Metrics.histogram(
         "sluice_ingest_spool_commit_seconds",
-        "One spool transaction: the appends and completions queued while the previous one was written, and its fsync.")
+        "One group of spool appends: the requests queued while the previous group was written, as log records, and its fdatasync.")
     let spoolPayloadWrite = Metrics.histogram(
         "sluice_ingest_spool_payload_write_seconds",
-        "The payload log's part of a spool transaction: one write of the group's batches and its fdatasync.")
+        "The log's part of a group of appends: one write of the group's records and its fdatasync.")
+    let spoolApply = Metrics.histogram(
+        "sluice_ingest_spool_apply_seconds",
+        "Applying the spool's log to SQLite (every 100 ms): the batches still waiting, completions, dead letters, one fsync'd commit.")
     let spoolCommittedOperations = Metrics.counter(
         "sluice_ingest_spool_committed_operations_total",
-        "Appends (one per request) and completions written by spool transactions; divided by the commits, the group size.")
+        "Appends (one per request) and completions taken by the spool's writer; divided by the commits, the group size.")
     let deliveriesSent = Metrics.counter(
         "sluice_ingest_deliveries_sent_total", "Deliveries (a batch for one destination) sent to the router, resends included.")
     let routerRefusals = Metrics.counter(
