@@ -55,6 +55,9 @@ final class PayloadLog: Sendable {
         var segments: [Int64: Segment] = [:]
         var current: Int64 = 0
         var spare = Spare.none
+        /// A write or flush failed: what the current segment holds past its size is unknown, so
+        /// the next group starts a new one.
+        var failed = false
         /// Records up to this sequence number are durably in SQLite (`applied(upTo:)`).
         var applied: UInt64 = 0
 
@@ -142,15 +145,35 @@ final class PayloadLog: Sendable {
         for (old, fd) in retire { remove(fd, segment: old) }
     }
 
-    /// Appends `records` (one group of whole records, the last numbered `lastSequence`), durably:
-    /// one write, one fdatasync. Returns the segment and the offset they start at. Each record
-    /// counts as a reference until `release`d. Only the spool's writer calls this (one at a time).
-    func append(_ joined: ByteBuffer, records: Int, lastSequence: UInt64) throws -> (segment: Int64, offset: Int64) {
+    /// Appends one group of whole records, the last numbered `lastSequence`: one write, and when
+    /// `durable` one fdatasync (without it they survive the process, not a power loss, until the
+    /// next durable append flushes them). Returns the segment and the offset they start at.
+    /// `batches` of them (batch records) count as references until `release`d. Only the spool's
+    /// writer calls this (one at a time).
+    func append(_ joined: ByteBuffer, batches: Int, lastSequence: UInt64, durable: Bool = true) throws -> (segment: Int64, offset: Int64) {
         let total = joined.readableBytes
-        if state.withLockedValue({ s in s.segments[s.current]!.size > 0 && s.segments[s.current]!.size + Int64(total) > segmentBytes }) {
+        if state.withLockedValue({ s in
+            s.failed || (s.segments[s.current]!.size > 0 && s.segments[s.current]!.size + Int64(total) > segmentBytes)
+        }) {
             try startSegment(state.withLockedValue { $0.current } + 1)
+            state.withLockedValue { $0.failed = false }
         }
         let (n, fd, start) = state.withLockedValue { s in (s.current, s.segments[s.current]!.fd, s.segments[s.current]!.size) }
+        do {
+            try write(joined, to: fd, at: start, segment: n, durable: durable)
+        } catch {
+            state.withLockedValue { $0.failed = true }
+            throw error
+        }
+        state.withLockedValue { s in
+            s.segments[n]!.size = start + Int64(total)
+            s.segments[n]!.references += batches
+            s.segments[n]!.lastSequence = lastSequence
+        }
+        return (n, start)
+    }
+
+    private func write(_ joined: ByteBuffer, to fd: Int32, at start: Int64, segment n: Int64, durable: Bool) throws {
         try joined.withUnsafeReadableBytes { raw in
             var done = 0
             while done < raw.count {
@@ -162,30 +185,21 @@ final class PayloadLog: Sendable {
                 done += wrote
             }
         }
-        guard fdatasync(fd) == 0 else { throw Failure.io("fdatasync segment \(n)", errno) }
-        state.withLockedValue { s in
-            s.segments[n]!.size = start + Int64(total)
-            s.segments[n]!.references += records
-            s.segments[n]!.lastSequence = lastSequence
-        }
-        return (n, start)
+        guard !durable || fdatasync(fd) == 0 else { throw Failure.io("fdatasync segment \(n)", errno) }
     }
 
-    /// The intact records of every segment file in `directory`, in sequence order, with where
-    /// their payloads are. Read at start, before `init` deletes what nothing refers to.
-    static func records(in directory: String) throws -> [(SpoolRecord, PayloadLocation)] {
-        var all: [(SpoolRecord, PayloadLocation)] = []
+    /// The intact records of every segment file in `directory`, in sequence order, with the
+    /// segment they are in. Read at start, before `init` deletes what nothing refers to.
+    static func records(in directory: String) throws -> [(found: SpoolRecord.Found, segment: Int64)] {
+        var all: [(found: SpoolRecord.Found, segment: Int64)] = []
         for name in (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? [] {
             guard let n = segmentNumber(name) else { continue }
             let data = try Data(contentsOf: URL(fileURLWithPath: (directory as NSString).appendingPathComponent(name)))
             data.withUnsafeBytes { raw in
-                for found in SpoolRecord.scan(raw) {
-                    all.append(
-                        (found.record, PayloadLocation(segment: n, offset: Int64(found.payloadOffset), length: found.payloadLength)))
-                }
+                for found in SpoolRecord.scan(raw) { all.append((found, n)) }
             }
         }
-        return all.sorted { $0.0.sequence < $1.0.sequence }
+        return all.sorted { $0.found.sequence < $1.found.sequence }
     }
 
     /// The bytes at `location`.

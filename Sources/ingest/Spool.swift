@@ -66,8 +66,9 @@ final class Spool: Sendable {
     private enum Operation {
         case append([ValidatedBatch], tenant: String, destinations: [String], Completion)
         case complete(Int64, deadLetter: DeadLetter?)
-        /// `replays`: look for dead letters put back by `ingest dead-letters replay`.
-        case apply(replays: Bool, @Sendable (Result<Void, any Error>) -> Void)
+        /// `full`: every batch, however young; `replays`: look for dead letters put back by
+        /// `ingest dead-letters replay`.
+        case apply(full: Bool, replays: Bool, @Sendable (Result<Void, any Error>) -> Void)
     }
 
     typealias Completion = @Sendable (Result<[Int64], any Error>) -> Void
@@ -91,6 +92,7 @@ final class Spool: Sendable {
             var tenant: String
             var key: String?
             var receivedAt: Int64
+            var sequence: UInt64
             var payload: PayloadLocation
             /// Deliveries not finished yet.
             var deliveries: [SpoolRecord.Delivery]
@@ -107,8 +109,8 @@ final class Spool: Sendable {
         var appliedSequence: UInt64
         var nextBatchID: Int64
         var nextDeliveryID: Int64
-
-        var isEmpty: Bool { batches.isEmpty && finishes.isEmpty && sequence == appliedSequence }
+        /// A dead letter waits: the next apply takes every batch (the dead letter's first).
+        var forceFull = false
     }
 
     private let db: DatabasePool
@@ -139,16 +141,19 @@ final class Spool: Sendable {
     /// takes the next: see `drain`.
     let commitDelay: Duration
     let commitDelayOperations: Int
-    /// How often the writer applies the log to SQLite. Longer: fewer batches reach SQLite at all,
-    /// more deliveries sent again after a crash.
+    /// How often the writer applies the log to SQLite (completions of deliveries SQLite holds, dead
+    /// letters, replays), and how long a batch may wait in the log alone before it is applied:
+    /// nearly every batch is delivered sooner and never touches SQLite.
     let applyInterval: Duration
+    let applyAfter: Duration
 
     init(
         directory: String, maxBytes: Int, maxBacklogPerDestination: Int = 100_000, segmentBytes: Int64 = 64 << 20,
         commitDelay: Duration = .microseconds(300), commitDelayOperations: Int = 8, applyInterval: Duration = .milliseconds(100),
-        logger: Logger = Logger(label: "sluice.spool")
+        applyAfter: Duration = .seconds(1), logger: Logger = Logger(label: "sluice.spool")
     ) throws {
         self.logger = logger
+        self.applyAfter = applyAfter
         self.commitDelay = commitDelay
         self.commitDelayOperations = commitDelayOperations
         self.applyInterval = applyInterval
@@ -306,20 +311,29 @@ final class Spool: Sendable {
             var nextDeliveryID = max(
                 try meta("next_delivery_id"), try highest("SELECT seq FROM sqlite_sequence WHERE name = 'deliveries'") + 1,
                 try highest("SELECT MAX(id) FROM deliveries") + 1)
-            let records = try PayloadLog.records(in: directory).filter { $0.0.sequence > sequence }
-            for (record, at) in records {
-                try insert(db, batch: record.batchID, tenant: record.tenant, key: record.key, receivedAt: record.receivedAt, payload: at)
-                for d in record.deliveries {
-                    try insert(db, delivery: d.id, batch: record.batchID, tenant: record.tenant, destination: d.destination)
-                    nextDeliveryID = max(nextDeliveryID, d.id + 1)
+            let records = try PayloadLog.records(in: directory).filter { $0.found.sequence > sequence }
+            var batches = 0
+            for (found, segment) in records {
+                switch found.entry {
+                case .batch(let record):
+                    let at = PayloadLocation(segment: segment, offset: Int64(found.payloadOffset), length: found.payloadLength)
+                    try insert(db, batch: record.batchID, tenant: record.tenant, key: record.key, receivedAt: record.receivedAt, payload: at)
+                    for d in record.deliveries {
+                        try insert(db, delivery: d.id, batch: record.batchID, tenant: record.tenant, destination: d.destination)
+                        nextDeliveryID = max(nextDeliveryID, d.id + 1)
+                    }
+                    nextBatchID = max(nextBatchID, record.batchID + 1)
+                    batches += 1
+                case .done(let deliveries):
+                    var freed: [PayloadLocation] = []  // references are counted from the rows left
+                    for id in deliveries { _ = try finishDelivered(db, delivery: id, freed: &freed) }
                 }
-                nextBatchID = max(nextBatchID, record.batchID + 1)
-                sequence = record.sequence
+                sequence = found.sequence
             }
             if !records.isEmpty {
-                logger.warning(
-                    "spool: batches the last run stored and had not applied were read back from its log; deliveries they finished since will be sent again",
-                    metadata: ["spool.batches": "\(records.count)", "spool.sequence": "\(sequence)"])
+                logger.info(
+                    "spool: what the last run logged and had not applied was read back from its log",
+                    metadata: ["spool.records": "\(records.count)", "spool.batches": "\(batches)", "spool.sequence": "\(sequence)"])
             }
             try storeProgress(db, sequence: sequence, nextBatchID: nextBatchID, nextDeliveryID: nextDeliveryID)
             return Recovered(sequence: sequence, nextBatchID: max(1, nextBatchID), nextDeliveryID: max(1, nextDeliveryID))
@@ -390,7 +404,7 @@ final class Spool: Sendable {
         assert(MultiThreadedEventLoopGroup.currentEventLoop == nil, "a spool flush on an event loop")
         let done = DispatchSemaphore(value: 0)
         let outcome = NIOLockedValueBox<Result<Void, any Error>>(.success(()))
-        enqueue(.apply(replays: true) { result in
+        enqueue(.apply(full: true, replays: true) { result in
             outcome.withLockedValue { $0 = result }
             done.signal()
         })
@@ -416,7 +430,7 @@ final class Spool: Sendable {
         }
         guard queue else { return }
         let replays = state.withLockedValue { $0.ticks } % 10 == 0
-        enqueue(.apply(replays: replays) { [logger] result in
+        enqueue(.apply(full: false, replays: replays) { [logger] result in
             if case .failure(let error) = result {
                 logger.warning("spool: applying the log to SQLite failed; will try again", metadata: ["error": "\(error)"])
             }
@@ -578,41 +592,56 @@ final class Spool: Sendable {
                 return q
             }
             if operations.isEmpty { return }
-            var appends: [(batches: [ValidatedBatch], tenant: String, destinations: [String], completion: Completion)] = []
+            var appends: [Append] = []
             var completions: [(id: Int64, deadLetter: DeadLetter?)] = []
             var applies: [@Sendable (Result<Void, any Error>) -> Void] = []
+            var full = false
             var replays = false
             for op in operations {
                 switch op {
-                case .append(let batches, let tenant, let destinations, let completion): appends.append((batches, tenant, destinations, completion))
+                case .append(let batches, let tenant, let destinations, let completion):
+                    appends.append(Append(batches: batches, tenant: tenant, destinations: destinations, completion: completion))
                 case .complete(let id, let deadLetter): completions.append((id, deadLetter))
-                case .apply(let lookForReplays, let done):
+                case .apply(let all, let lookForReplays, let done):
                     applies.append(done)
+                    full = full || all
                     replays = replays || lookForReplays
                 }
             }
             previous = appends.count + completions.count
-            if !appends.isEmpty { write(appends) }
-            if !completions.isEmpty { finish(completions) }
+            let done = completions.isEmpty ? [] : finish(completions)
+            if !appends.isEmpty || !done.isEmpty { write(appends, done: done) }
             if !applies.isEmpty {
                 state.withLockedValue { $0.applyQueued = false }
-                let result = Result { try apply(replays: replays) }
+                let result = Result { try apply(full: full, replays: replays) }
                 for done in applies { done(result) }
             }
             IngestMetrics.shared.spoolCommittedOperations.increment(by: Int64(previous))
         }
     }
 
-    /// Writes a group of appends to the log as records, durably, and answers them.
-    private func write(_ appends: [(batches: [ValidatedBatch], tenant: String, destinations: [String], completion: Completion)]) {
-        commits.withLockedValue { $0 += 1 }
+    private struct Append {
+        var batches: [ValidatedBatch]
+        var tenant: String
+        var destinations: [String]
+        var completion: Completion
+    }
+
+    /// Writes a group to the log — a record of the deliveries `done` and one per appended batch —
+    /// and answers the appends once it is durable. Without appends, the done record is written
+    /// without a flush of its own: it survives the process and reaches the disk with the next
+    /// group (lost to a power loss, its deliveries would only be sent again).
+    private func write(_ appends: [Append], done: [Int64]) {
         let stopwatch = Stopwatch()
-        defer { stopwatch.record(into: IngestMetrics.shared.spoolCommit) }
         let now = Int64(Date().timeIntervalSince1970 * 1000)
         var (sequence, nextBatchID, nextDeliveryID) = unapplied.withLockedValue { ($0.sequence, $0.nextBatchID, $0.nextDeliveryID) }
         var joined = ByteBuffer()
-        joined.reserveCapacity(appends.reduce(0) { $0 + $1.batches.reduce(0) { $0 + $1.bytes.readableBytes + 128 } })
-        // Per batch: its id, its record's payload offset in `joined`, its record.
+        joined.reserveCapacity(done.count * 8 + 20 + appends.reduce(0) { $0 + $1.batches.reduce(0) { $0 + $1.bytes.readableBytes + 128 } })
+        if !done.isEmpty {
+            sequence += 1
+            SpoolRecord.writeDone(sequence: sequence, deliveries: done, to: &joined)
+        }
+        // Per batch: its record's payload offset in `joined`, its record.
         var written: [(offset: Int, record: SpoolRecord, batch: ValidatedBatch)] = []
         var ids: [[Int64]] = []
         for append in appends {
@@ -633,15 +662,26 @@ final class Spool: Sendable {
             }
             ids.append(these)
         }
-        let where_: (segment: Int64, offset: Int64)
-        let logStart = ContinuousClock.now
+        let durable = !appends.isEmpty
+        if durable { commits.withLockedValue { $0 += 1 } }
+        let at: (segment: Int64, offset: Int64)
         do {
-            where_ = try log.append(joined, records: written.count, lastSequence: sequence)
+            at = try log.append(joined, batches: written.count, lastSequence: sequence, durable: durable)
         } catch {
+            // Its records may be on disk, whole: their sequence numbers and ids are never used
+            // again (the log goes on in a new segment), so a restart cannot confuse them with later
+            // ones. Read back, they are delivered although their requests failed: at least once.
+            unapplied.withLockedValue { u in
+                u.sequence = sequence
+                u.nextBatchID = nextBatchID
+                u.nextDeliveryID = nextDeliveryID
+            }
+            if !durable { logger.warning("spool: finished deliveries could not be logged", metadata: ["error": "\(error)"]) }
             for append in appends { append.completion(.failure(error)) }
             return
         }
-        let logTime = ContinuousClock.now - logStart
+        guard durable else { return }
+        let logTime = stopwatch.elapsed
         IngestMetrics.shared.spoolPayloadWrite.record(logTime)
         var bytes = 0
         var targets: [DeliveryTarget] = []
@@ -650,9 +690,10 @@ final class Spool: Sendable {
             u.nextBatchID = nextBatchID
             u.nextDeliveryID = nextDeliveryID
             for w in written {
-                let at = PayloadLocation(segment: where_.segment, offset: where_.offset + Int64(w.offset), length: w.batch.bytes.readableBytes)
+                let payload = PayloadLocation(segment: at.segment, offset: at.offset + Int64(w.offset), length: w.batch.bytes.readableBytes)
                 u.batches[w.record.batchID] = .init(
-                    tenant: w.record.tenant, key: w.record.key, receivedAt: w.record.receivedAt, payload: at, deliveries: w.record.deliveries)
+                    tenant: w.record.tenant, key: w.record.key, receivedAt: w.record.receivedAt, sequence: w.record.sequence,
+                    payload: payload, deliveries: w.record.deliveries)
                 for d in w.record.deliveries { u.batchOf[d.id] = w.record.batchID }
             }
         }
@@ -670,6 +711,7 @@ final class Spool: Sendable {
             s.usedBytes += bytes
             for target in targets { s.backlog[target, default: 0] += 1 }
         }
+        stopwatch.record(into: IngestMetrics.shared.spoolCommit)
         if stopwatch.elapsed > .milliseconds(100) {
             logger.warning(
                 "slow spool write",
@@ -681,18 +723,28 @@ final class Spool: Sendable {
         for (append, these) in zip(appends, ids) { append.completion(.success(these)) }
     }
 
-    /// Completions: a delivery SQLite has not been told of is simply forgotten (with its batch
-    /// once it was the last); the others, and every dead letter, wait for the next apply.
-    private func finish(_ completions: [(id: Int64, deadLetter: DeadLetter?)]) {
+    /// Completions: a delivery SQLite has not been told of is forgotten in memory (with its batch
+    /// once it was the last); those SQLite has, and every dead letter, wait for the next apply.
+    /// Returns the deliveries to log as done (all but dead letters).
+    private func finish(_ completions: [(id: Int64, deadLetter: DeadLetter?)]) -> [Int64] {
         var finished: [(id: Int64, target: DeliveryTarget)] = []
         var emptied: [Int64] = []
         var bytes = 0
+        var done: [Int64] = []
         unapplied.withLockedValue { u in
             for c in completions {
+                if c.deadLetter == nil { done.append(c.id) }
                 guard c.deadLetter == nil, let batchID = u.batchOf[c.id], var batch = u.batches[batchID],
                     let index = batch.deliveries.firstIndex(where: { $0.id == c.id })
                 else {
-                    u.finishes.append(c)  // SQLite's (or a repeated ack, which finds nothing there)
+                    // SQLite's (or a repeated ack, which finds nothing there), or a dead letter: its
+                    // batch goes to SQLite at the apply, then the dead letter; an ack repeated
+                    // meanwhile must not take the delivery out of the batch before that.
+                    if c.deadLetter != nil {
+                        u.batchOf[c.id] = nil
+                        u.forceFull = true
+                    }
+                    u.finishes.append(c)
                     continue
                 }
                 u.batchOf[c.id] = nil
@@ -706,29 +758,41 @@ final class Spool: Sendable {
                 }
             }
         }
-        guard !finished.isEmpty else { return }
-        fresh.withLockedValue { f in
-            for d in finished { f.finished(d.id, target: d.target) }
+        if !finished.isEmpty {
+            fresh.withLockedValue { f in
+                for d in finished { f.finished(d.id, target: d.target) }
+            }
+            updateCounts(freed: bytes, finished: finished.map(\.target), added: [])
+            for segment in emptied { log.release(segment) }
         }
-        updateCounts(freed: bytes, finished: finished.map(\.target), added: [])
-        for segment in emptied { log.release(segment) }
+        return done
     }
 
-    /// Tells SQLite what the log holds that it does not — the batches still waiting, the
-    /// completions and dead letters since the last apply, the backlog cap, dead letters put back
-    /// by `ingest dead-letters replay` — in one transaction, committed to disk with the sequence
-    /// number of the last record: a restart reads back only the records after it.
-    private func apply(replays lookForReplays: Bool) throws {
-        let (pending, sequence, nextBatchID, nextDeliveryID) = unapplied.withLockedValue { u in
-            (u.isEmpty ? nil : u, u.sequence, u.nextBatchID, u.nextDeliveryID)
+    /// Tells SQLite what the log holds that it does not, in one transaction committed to disk
+    /// with the sequence number up to which SQLite then holds everything (a restart reads back
+    /// only the records after it): the batches that have waited `applyAfter` — or all of them
+    /// when `full` (a flush, a dead letter, a destination over the backlog cap) —, the completions
+    /// of deliveries SQLite has, dead letters, the backlog cap, and dead letters put back by
+    /// `ingest dead-letters replay`. Batches delivered sooner never touch SQLite.
+    private func apply(full requested: Bool, replays lookForReplays: Bool) throws {
+        let over = state.withLockedValue { $0.backlog.filter { $0.value > maxBacklogPerDestination } }
+        let now = Int64(Date().timeIntervalSince1970 * 1000)
+        let cutoff = now - Spool.milliseconds(applyAfter)
+        let (batches, finishes, sequence, nextBatchID, nextDeliveryID, waiting) = unapplied.withLockedValue { u in
+            let full = requested || u.forceFull || !over.isEmpty
+            let batches = full ? u.batches : u.batches.filter { $0.value.receivedAt <= cutoff }
+            // SQLite will hold every record up to the first batch left out.
+            let left = full ? nil : u.batches.values.lazy.filter { $0.receivedAt > cutoff }.map(\.sequence).min()
+            let sequence = max(u.appliedSequence, left.map { $0 - 1 } ?? u.sequence)
+            return (batches, u.finishes, sequence, u.nextBatchID, u.nextDeliveryID, u.appliedSequence)
         }
         let replays =
             try lookForReplays && db.read { db in try Bool.fetchOne(db, sql: "SELECT EXISTS (SELECT 1 FROM replays)") } == true
-        let over = state.withLockedValue { $0.backlog.filter { $0.value > maxBacklogPerDestination } }
-        guard pending != nil || !over.isEmpty || replays else { return }
+        // Nothing but the sequence number to store: once a second is enough (it lets segments go).
+        let progress = sequence > waiting && (requested || now - lastProgress.withLockedValue { $0 } >= 1000)
+        guard !batches.isEmpty || !finishes.isEmpty || !over.isEmpty || replays || progress else { return }
         let stopwatch = Stopwatch()
         defer { stopwatch.record(into: IngestMetrics.shared.spoolApply) }
-        let now = Int64(Date().timeIntervalSince1970 * 1000)
         var finished: [(id: Int64, target: DeliveryTarget)] = []
         var freed: [PayloadLocation] = []
         var freedBytes = 0
@@ -736,13 +800,13 @@ final class Spool: Sendable {
         var next = (batch: nextBatchID, delivery: nextDeliveryID)
         try db.write { db in
             (finished, freed, freedBytes, taken, next) = ([], [], 0, [], (nextBatchID, nextDeliveryID))
-            for (id, b) in pending?.batches ?? [:] {
+            for (id, b) in batches {
                 try Spool.insert(db, batch: id, tenant: b.tenant, key: b.key, receivedAt: b.receivedAt, payload: b.payload)
                 for d in b.deliveries { try Spool.insert(db, delivery: d.id, batch: id, tenant: b.tenant, destination: d.destination) }
             }
-            for c in pending?.finishes ?? [] {
+            for c in finishes {
                 guard let done = try Spool.finish(db, delivery: c.id, deadLetter: c.deadLetter, now: now, log: log, freed: &freed) else {
-                    continue  // already finished (a repeated ack)
+                    continue  // already finished (a repeated ack), or of a batch still only in the log
                 }
                 finished.append((c.id, done.target))
                 freedBytes += done.bytes
@@ -780,11 +844,15 @@ final class Spool: Sendable {
             }
             try Spool.storeProgress(db, sequence: sequence, nextBatchID: next.batch, nextDeliveryID: next.delivery)
         }
+        lastProgress.withLockedValue { $0 = now }
         unapplied.withLockedValue { u in
-            u.batches = [:]
-            u.batchOf = [:]
-            u.finishes = []
-            u.appliedSequence = sequence
+            for (id, b) in batches {
+                u.batches[id] = nil
+                for d in b.deliveries { u.batchOf[d.id] = nil }
+            }
+            u.finishes.removeFirst(finishes.count)
+            if u.batches.isEmpty { u.forceFull = false }
+            u.appliedSequence = max(u.appliedSequence, sequence)
             u.nextBatchID = next.batch
             u.nextDeliveryID = next.delivery
         }
@@ -799,9 +867,12 @@ final class Spool: Sendable {
         if stopwatch.elapsed > .milliseconds(100) {
             logger.warning(
                 "slow spool apply",
-                metadata: ["spool.apply_ms": "\(Spool.milliseconds(stopwatch.elapsed))", "spool.batches": "\(pending?.batches.count ?? 0)"])
+                metadata: ["spool.apply_ms": "\(Spool.milliseconds(stopwatch.elapsed))", "spool.batches": "\(batches.count)"])
         }
     }
+
+    /// When the applied sequence number was last stored (ms since 1970).
+    private let lastProgress = NIOLockedValueBox<Int64>(0)
 
     private func updateCounts(freed bytes: Int, finished: [DeliveryTarget], added: [DeliveryTarget]) {
         let maxBytes = self.maxBytes

@@ -6,9 +6,10 @@ import XCTest
 
 @testable import ingest
 
-/// The spool's log is what makes a batch durable; SQLite hears of it later (every 100 ms) or never
-/// (delivered before then). These tests stop a spool without its last apply — as a killed process
-/// does — and check what the next one finds.
+/// The spool's log is what makes a batch durable, and it also records deliveries that finished;
+/// SQLite hears of a batch once it waited a second (or at a flush) or never (delivered before
+/// then). These tests stop a spool without its last apply — as a killed process does — and check
+/// what the next one finds.
 final class SpoolRecoveryTests: XCTestCase {
     var dir = ""
     override func setUp() { dir = NSTemporaryDirectory() + "spool-recovery-\(UUID().uuidString)" }
@@ -20,6 +21,12 @@ final class SpoolRecoveryTests: XCTestCase {
     /// A spool that never applies on its own: what it holds stays in the log until `flush`.
     func openSpool(segmentBytes: Int64 = 64 << 20) throws -> Spool {
         try Spool(directory: dir, maxBytes: 1 << 24, segmentBytes: segmentBytes, applyInterval: .seconds(3600))
+    }
+
+    /// Waits until the writer has logged something more (a record of finished deliveries).
+    func waitForLogToGrow(_ spool: Spool, from size: Int64) async throws {
+        for _ in 0..<300 where spool.segments.values.reduce(0, +) <= size { try await Task.sleep(for: .milliseconds(10)) }
+        XCTAssertGreaterThan(spool.segments.values.reduce(0, +), size)
     }
 
     func batch(_ text: String, mpid: String? = nil) -> ValidatedBatch {
@@ -41,18 +48,19 @@ final class SpoolRecoveryTests: XCTestCase {
             ids += try await spool!.append(tenant: "acme", destinations: ["a", "b"], batches: [batch("{\"n\":\(i)}", mpid: "m\(i)")])
         }
         let first = try XCTUnwrap(spool!.pendingInMemory(a, after: 0, limit: 1)?.first)
+        let logged = spool!.segments.values.reduce(0, +)
         spool!.complete(delivery: first.id)
-        try await Task.sleep(for: .milliseconds(50))
+        try await waitForLogToGrow(spool!, from: logged)
         XCTAssertEqual(try sql("SELECT COUNT(*) FROM batches") as Int?, 0, "nothing reached SQLite yet")
         spool = nil  // dies without applying
 
         let reopened = try openSpool()
-        XCTAssertEqual(reopened.backlog, [a: 3, b: 3], "all acknowledged batches; the unapplied completion is sent again")
-        for target in [a, b] {
+        XCTAssertEqual(reopened.backlog, [a: 2, b: 3], "all acknowledged batches, less the delivery logged as done")
+        for (target, from) in [(a, 1), (b, 0)] {
             let pending = try reopened.pending(target, after: 0, limit: 10)
-            XCTAssertEqual(pending.map(\.batchID), ids)
-            XCTAssertEqual(pending.map { String(buffer: $0.payload) }, ["{\"n\":0}", "{\"n\":1}", "{\"n\":2}"])
-            XCTAssertEqual(pending.map(\.key), ["m0", "m1", "m2"])
+            XCTAssertEqual(pending.map(\.batchID), Array(ids[from...]))
+            XCTAssertEqual(pending.map { String(buffer: $0.payload) }, ["{\"n\":0}", "{\"n\":1}", "{\"n\":2}"].suffix(3 - from))
+            XCTAssertEqual(pending.map(\.key), ["m0", "m1", "m2"].suffix(3 - from))
         }
         XCTAssertEqual(reopened.usedBytes, 21)
         // Ids go on after every one handed out.
@@ -128,7 +136,7 @@ final class SpoolRecoveryTests: XCTestCase {
         let reused = dir + "/" + (try XCTUnwrap(try segmentFiles().last))
         let found = try Data(contentsOf: URL(fileURLWithPath: reused)).withUnsafeBytes { SpoolRecord.scan($0) }
         XCTAssertEqual(found.count, 2, "the new record and an old one")
-        XCTAssertLessThan(found[1].record.sequence, found[0].record.sequence)
+        XCTAssertLessThan(found[1].sequence, found[0].sequence)
         let expected = try spool!.pending(a, after: 0, limit: 100).map { String(buffer: $0.payload) }
         spool = nil
 
@@ -164,6 +172,35 @@ final class SpoolRecoveryTests: XCTestCase {
         XCTAssertEqual(reopened.backlog[a], 3)
     }
 
+    /// A delivery SQLite holds that finished after the last apply is logged as done: the next
+    /// start does not send it again.
+    func testADeliveryFinishedAfterTheLastApplyIsNotSentAgain() async throws {
+        var spool: Spool? = try openSpool()
+        _ = try await spool!.append(tenant: "acme", destinations: ["a", "b"], batches: [batch("{\"n\":1}")])
+        try spool!.flush()  // into SQLite
+        XCTAssertEqual(try sql("SELECT COUNT(*) FROM deliveries") as Int?, 2)
+        let logged = spool!.segments.values.reduce(0, +)
+        spool!.complete(delivery: try spool!.pending(a, after: 0, limit: 1)[0].id)
+        try await waitForLogToGrow(spool!, from: logged)
+        spool = nil  // dies before the next apply
+        XCTAssertEqual(try sql("SELECT COUNT(*) FROM deliveries") as Int?, 2, "SQLite was not told")
+
+        let reopened = try openSpool()
+        XCTAssertEqual(reopened.backlog, [b: 1])
+        XCTAssertEqual(try reopened.pending(a, after: 0, limit: 10), [])
+    }
+
+    /// The timer's apply takes only batches that waited `applyAfter`: the young stay in the log.
+    func testOnlyBatchesThatWaitedAreApplied() async throws {
+        let spool = try Spool(directory: dir, maxBytes: 1 << 24, applyInterval: .milliseconds(20), applyAfter: .milliseconds(300))
+        _ = try await spool.append(tenant: "acme", destinations: ["a"], batches: [batch("{\"old\":1}")])
+        for _ in 0..<300 where (try sql("SELECT COUNT(*) FROM batches") as Int?) != 1 { try await Task.sleep(for: .milliseconds(10)) }
+        _ = try await spool.append(tenant: "acme", destinations: ["a"], batches: [batch("{\"young\":1}")])
+        try await Task.sleep(for: .milliseconds(100))
+        XCTAssertEqual(try sql("SELECT COUNT(*) FROM batches") as Int?, 1, "the old one only")
+        XCTAssertEqual(try spool.pending(a, after: 0, limit: 10).map { String(buffer: $0.payload) }, ["{\"old\":1}", "{\"young\":1}"])
+    }
+
     func testRecordsReadBackAsWritten() {
         let records = [
             SpoolRecord(
@@ -177,13 +214,16 @@ final class SpoolRecoveryTests: XCTestCase {
             let start = buffer.writerIndex
             payloadStarts.append(start + r.write(payload: ByteBuffer(string: "{\"batch\":\(i)}"), to: &buffer))
         }
+        SpoolRecord.writeDone(sequence: 9, deliveries: [100, 102], to: &buffer)
         let found = buffer.withUnsafeReadableBytes { SpoolRecord.scan($0) }
-        XCTAssertEqual(found.map(\.record), records)
-        XCTAssertEqual(found.map(\.payloadOffset), payloadStarts)
-        XCTAssertEqual(found.map { String(buffer: buffer.getSlice(at: $0.payloadOffset, length: $0.payloadLength)!) }, ["{\"batch\":0}", "{\"batch\":1}"])
+        XCTAssertEqual(found.map(\.entry), records.map { .batch($0) } + [.done([100, 102])])
+        XCTAssertEqual(found.map(\.sequence), [7, 8, 9])
+        XCTAssertEqual(found.prefix(2).map(\.payloadOffset), payloadStarts)
+        XCTAssertEqual(
+            found.prefix(2).map { String(buffer: buffer.getSlice(at: $0.payloadOffset, length: $0.payloadLength)!) }, ["{\"batch\":0}", "{\"batch\":1}"])
         var torn = buffer
         torn.moveWriterIndex(to: buffer.writerIndex - 1)
-        XCTAssertEqual(torn.withUnsafeReadableBytes { SpoolRecord.scan($0) }.map(\.record), [records[0]])
+        XCTAssertEqual(torn.withUnsafeReadableBytes { SpoolRecord.scan($0) }.map(\.sequence), [7, 8])
         XCTAssertEqual(ByteBuffer(string: "{\"old\":\"format\"}").withUnsafeReadableBytes { SpoolRecord.scan($0) }.count, 0)
     }
 }
