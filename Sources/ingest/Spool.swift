@@ -101,6 +101,9 @@ final class Spool: Sendable {
         var batches: [Int64: Batch] = [:]
         /// Delivery id → batch id, for the deliveries in `batches`.
         var batchOf: [Int64: Int64] = [:]
+        /// Per destination, the ids of its deliveries in `batches`, in order: for `pending`. Ids
+        /// no longer in `batchOf` (finished) are skipped, and dropped at the next apply.
+        var lanes: [DeliveryTarget: [Int64]] = [:]
         /// Completions for SQLite to apply: of deliveries it holds, and dead letters (their
         /// batches go to SQLite first).
         var finishes: [(id: Int64, deadLetter: DeadLetter?)] = []
@@ -446,10 +449,20 @@ final class Spool: Sendable {
         // The unapplied first: an apply between the two reads moves them into SQLite, so they are
         // seen once or twice (kept once), never missed.
         let recent = unapplied.withLockedValue { u in
-            u.batches.flatMap { batchID, b in
-                b.deliveries.filter { $0.id > after && $0.destination == target.destination && b.tenant == target.tenant }
-                    .map { (id: $0.id, batchID: batchID, key: b.key, at: b.payload) }
+            var found: [(id: Int64, batchID: Int64, key: String?, at: PayloadLocation)] = []
+            guard let ids = u.lanes[target] else { return found }
+            var low = 0
+            var high = ids.count
+            while low < high {
+                let mid = (low + high) / 2
+                if ids[mid] <= after { low = mid + 1 } else { high = mid }
             }
+            for id in ids[low...] {
+                guard let batchID = u.batchOf[id], let b = u.batches[batchID] else { continue }
+                found.append((id, batchID, b.key, b.payload))
+                if found.count == limit { break }
+            }
+            return found
         }
         let stored = try db.read { db in
             try Row.fetchAll(
@@ -464,12 +477,17 @@ final class Spool: Sendable {
                 SpooledDelivery(id: row["id"], batchID: row["batch_id"], target: target, key: row["key"], payload: try payload(row))
             }
         }
-        guard !recent.isEmpty, stored.count < limit else { return stored }
+        guard !recent.isEmpty else { return stored }
+        // Both in id order; the first `limit` of the two together (ids of replays taken in are
+        // above those of batches still only in the log).
         let known = Set(stored.map(\.id))
-        return try stored
-            + recent.filter { !known.contains($0.id) }.sorted { $0.id < $1.id }.prefix(limit - stored.count).map {
-                SpooledDelivery(id: $0.id, batchID: $0.batchID, target: target, key: $0.key, payload: try log.read($0.at))
-            }
+        var merged = stored.map { (id: $0.id, stored: Optional($0), recent: Int?.none) }
+        for (i, r) in recent.enumerated() where !known.contains(r.id) { merged.append((r.id, nil, i)) }
+        return try merged.sorted { $0.id < $1.id }.prefix(limit).map { m in
+            if let d = m.stored { return d }
+            let r = recent[m.recent!]
+            return SpooledDelivery(id: r.id, batchID: r.batchID, target: target, key: r.key, payload: try log.read(r.at))
+        }
     }
 
     /// `pending` from memory alone, without touching the disk: nil when memory cannot answer (the
@@ -694,7 +712,10 @@ final class Spool: Sendable {
                 u.batches[w.record.batchID] = .init(
                     tenant: w.record.tenant, key: w.record.key, receivedAt: w.record.receivedAt, sequence: w.record.sequence,
                     payload: payload, deliveries: w.record.deliveries)
-                for d in w.record.deliveries { u.batchOf[d.id] = w.record.batchID }
+                for d in w.record.deliveries {
+                    u.batchOf[d.id] = w.record.batchID
+                    u.lanes[DeliveryTarget(tenant: w.record.tenant, destination: d.destination), default: []].append(d.id)
+                }
             }
         }
         fresh.withLockedValue { f in
@@ -852,6 +873,10 @@ final class Spool: Sendable {
             }
             u.finishes.removeFirst(finishes.count)
             if u.batches.isEmpty { u.forceFull = false }
+            for (target, ids) in u.lanes {
+                let kept = ids.filter { u.batchOf[$0] != nil }
+                u.lanes[target] = kept.isEmpty ? nil : kept
+            }
             u.appliedSequence = max(u.appliedSequence, sequence)
             u.nextBatchID = next.batch
             u.nextDeliveryID = next.delivery
