@@ -91,13 +91,19 @@ struct Serve: AsyncParsableCommand {
                 gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
         // Child tasks inherit the preference: HTTP handlers and the router link's reader run on
         // the loop their channels use.
-        try await withTaskExecutorPreference(executor) { try await group.run() }
-        // What the log holds goes to SQLite now: the next start has nothing to read back.
+        var failure: (any Error)?
+        do {
+            try await withTaskExecutorPreference(executor) { try await group.run() }
+        } catch {
+            failure = error
+        }
+        // What the log holds goes to SQLite now: the next start has less to read back.
         do {
             try spool.close()
         } catch {
             logger.warning("spool: the last apply failed; the next start reads the log back", metadata: ["error": "\(error)"])
         }
+        if let failure { throw failure }
     }
 }
 

@@ -109,6 +109,14 @@ final class PayloadLog: Sendable {
         }
     }
 
+    /// The numbers of the segment files in `directory`.
+    static func segmentNumbers(in directory: String) -> [Int64] {
+        ((try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []).compactMap(segmentNumber)
+    }
+
+    /// The segment being written.
+    var currentSegment: Int64 { state.withLockedValue { $0.current } }
+
     static func segmentNumber(_ name: String) -> Int64? {
         guard name.hasPrefix("payloads-"), name.hasSuffix(".log") else { return nil }
         return Int64(name.dropFirst("payloads-".count).dropLast(".log".count))
@@ -162,7 +170,11 @@ final class PayloadLog: Sendable {
         do {
             try write(joined, to: fd, at: start, segment: n, durable: durable)
         } catch {
-            state.withLockedValue { $0.failed = true }
+            state.withLockedValue { s in
+                s.failed = true
+                // Its records may be whole on disk: the file stays until SQLite holds past them.
+                s.segments[n]!.lastSequence = lastSequence
+            }
             throw error
         }
         state.withLockedValue { s in
@@ -190,11 +202,10 @@ final class PayloadLog: Sendable {
 
     /// The intact records of every segment file in `directory`, in sequence order, with the
     /// segment they are in. Read at start, before `init` deletes what nothing refers to.
-    static func records(in directory: String) throws -> [(found: SpoolRecord.Found, segment: Int64)] {
+    static func records(in directory: String, from first: Int64 = 0) throws -> [(found: SpoolRecord.Found, segment: Int64)] {
         var all: [(found: SpoolRecord.Found, segment: Int64)] = []
-        for name in (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? [] {
-            guard let n = segmentNumber(name) else { continue }
-            let data = try Data(contentsOf: URL(fileURLWithPath: (directory as NSString).appendingPathComponent(name)))
+        for n in segmentNumbers(in: directory) where n >= first {
+            let data = try Data(contentsOf: URL(fileURLWithPath: (directory as NSString).appendingPathComponent("payloads-\(n).log")))
             data.withUnsafeBytes { raw in
                 for found in SpoolRecord.scan(raw) { all.append((found, n)) }
             }

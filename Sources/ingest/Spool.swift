@@ -92,6 +92,8 @@ final class Spool: Sendable {
             var tenant: String
             var key: String?
             var receivedAt: Int64
+            /// When it was written (monotonic: a wall clock stepped back must not keep batches young).
+            var written: ContinuousClock.Instant
             var sequence: UInt64
             var payload: PayloadLocation
             /// Deliveries not finished yet.
@@ -302,19 +304,23 @@ final class Spool: Sendable {
     /// Applies the log's records that SQLite does not hold (a crash came before the writer applied
     /// them), and finds where sequence numbers and ids go on: past every one ever handed out.
     private static func recover(_ pool: DatabasePool, directory: String, logger: Logger) throws -> Recovered {
-        try pool.write { db in
-            func meta(_ key: String) throws -> Int64 {
-                try String.fetchOne(db, sql: "SELECT value FROM meta WHERE key = ?", arguments: [key]).flatMap { Int64($0) } ?? 0
-            }
+        // Read outside the transaction (operator commands wait for it): only the segments from
+        // the one the records past the stored sequence number begin in.
+        let (applied, from) = try pool.read { db in
+            (UInt64(try Spool.meta(db, "applied_sequence")), try Spool.meta(db, "replay_from_segment"))
+        }
+        let records = try PayloadLog.records(in: directory, from: from).filter { $0.found.sequence > applied }
+        let segments = PayloadLog.segmentNumbers(in: directory)
+        return try pool.write { db in
+            func meta(_ key: String) throws -> Int64 { try Spool.meta(db, key) }
             func highest(_ sql: String) throws -> Int64 { try Int64.fetchOne(db, sql: sql) ?? 0 }
-            var sequence = UInt64(try meta("applied_sequence"))
+            var sequence = max(applied, UInt64(try meta("applied_sequence")))
             var nextBatchID = max(
                 try meta("next_batch_id"), try highest("SELECT seq FROM sqlite_sequence WHERE name = 'batches'") + 1,
                 try highest("SELECT MAX(id) FROM batches") + 1, try highest("SELECT MAX(batch_id) FROM dead_letters") + 1)
             var nextDeliveryID = max(
                 try meta("next_delivery_id"), try highest("SELECT seq FROM sqlite_sequence WHERE name = 'deliveries'") + 1,
                 try highest("SELECT MAX(id) FROM deliveries") + 1)
-            let records = try PayloadLog.records(in: directory).filter { $0.found.sequence > sequence }
             var batches = 0
             for (found, segment) in records {
                 switch found.entry {
@@ -338,7 +344,9 @@ final class Spool: Sendable {
                     "spool: what the last run logged and had not applied was read back from its log",
                     metadata: ["spool.records": "\(records.count)", "spool.batches": "\(batches)", "spool.sequence": "\(sequence)"])
             }
-            try storeProgress(db, sequence: sequence, nextBatchID: nextBatchID, nextDeliveryID: nextDeliveryID)
+            // The next records go to a new segment.
+            try storeProgress(
+                db, sequence: sequence, fromSegment: (segments.max() ?? 0) + 1, nextBatchID: nextBatchID, nextDeliveryID: nextDeliveryID)
             return Recovered(sequence: sequence, nextBatchID: max(1, nextBatchID), nextDeliveryID: max(1, nextDeliveryID))
         }
     }
@@ -357,8 +365,20 @@ final class Spool: Sendable {
             .execute(arguments: [id, batch, tenant, destination])
     }
 
-    private static func storeProgress(_ db: Database, sequence: UInt64, nextBatchID: Int64, nextDeliveryID: Int64) throws {
-        for (key, value) in [("applied_sequence", Int64(sequence)), ("next_batch_id", nextBatchID), ("next_delivery_id", nextDeliveryID)] {
+    private static func meta(_ db: Database, _ key: String) throws -> Int64 {
+        try String.fetchOne(db, sql: "SELECT value FROM meta WHERE key = ?", arguments: [key]).flatMap { Int64($0) } ?? 0
+    }
+
+    /// SQLite holds every record up to `sequence`; those after it are in segment `fromSegment` or
+    /// later; ids go on from these.
+    private static func storeProgress(
+        _ db: Database, sequence: UInt64, fromSegment: Int64, nextBatchID: Int64, nextDeliveryID: Int64
+    ) throws {
+        let values = [
+            ("applied_sequence", Int64(sequence)), ("replay_from_segment", fromSegment), ("next_batch_id", nextBatchID),
+            ("next_delivery_id", nextDeliveryID),
+        ]
+        for (key, value) in values {
             try db.cachedStatement(sql: "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)").execute(arguments: [key, String(value)])
         }
     }
@@ -448,9 +468,11 @@ final class Spool: Sendable {
         assert(MultiThreadedEventLoopGroup.currentEventLoop == nil, "a spool read on an event loop")
         // The unapplied first: an apply between the two reads moves them into SQLite, so they are
         // seen once or twice (kept once), never missed.
-        let recent = unapplied.withLockedValue { u in
+        let (recent, bound, finishing) = unapplied.withLockedValue { u in
             var found: [(id: Int64, batchID: Int64, key: String?, at: PayloadLocation)] = []
-            guard let ids = u.lanes[target] else { return found }
+            // Finished, and SQLite not told yet: not to be sent again.
+            let finishing = Set(u.finishes.lazy.map(\.id))
+            guard let ids = u.lanes[target] else { return (found, u.nextDeliveryID, finishing) }
             var low = 0
             var high = ids.count
             while low < high {
@@ -462,9 +484,9 @@ final class Spool: Sendable {
                 found.append((id, batchID, b.key, b.payload))
                 if found.count == limit { break }
             }
-            return found
+            return (found, u.nextDeliveryID, finishing)
         }
-        let stored = try db.read { db in
+        let read = try db.read { db in
             try Row.fetchAll(
                 db.cachedStatement(
                     sql: """
@@ -477,6 +499,9 @@ final class Spool: Sendable {
                 SpooledDelivery(id: row["id"], batchID: row["batch_id"], target: target, key: row["key"], payload: try payload(row))
             }
         }
+        // Ids handed out after the memory was read (a replay taken in meanwhile, in SQLite) may
+        // come after ones handed out meanwhile and still only in the log: left to the next read.
+        let stored = read.filter { $0.id < bound && !finishing.contains($0.id) }
         guard !recent.isEmpty else { return stored }
         // Both in id order; the first `limit` of the two together (ids of replays taken in are
         // above those of batches still only in the log).
@@ -703,6 +728,7 @@ final class Spool: Sendable {
         IngestMetrics.shared.spoolPayloadWrite.record(logTime)
         var bytes = 0
         var targets: [DeliveryTarget] = []
+        let writtenAt = ContinuousClock.now
         unapplied.withLockedValue { u in
             u.sequence = sequence
             u.nextBatchID = nextBatchID
@@ -710,7 +736,8 @@ final class Spool: Sendable {
             for w in written {
                 let payload = PayloadLocation(segment: at.segment, offset: at.offset + Int64(w.offset), length: w.batch.bytes.readableBytes)
                 u.batches[w.record.batchID] = .init(
-                    tenant: w.record.tenant, key: w.record.key, receivedAt: w.record.receivedAt, sequence: w.record.sequence,
+                    tenant: w.record.tenant, key: w.record.key, receivedAt: w.record.receivedAt, written: writtenAt,
+                    sequence: w.record.sequence,
                     payload: payload, deliveries: w.record.deliveries)
                 for d in w.record.deliveries {
                     u.batchOf[d.id] = w.record.batchID
@@ -798,19 +825,24 @@ final class Spool: Sendable {
     private func apply(full requested: Bool, replays lookForReplays: Bool) throws {
         let over = state.withLockedValue { $0.backlog.filter { $0.value > maxBacklogPerDestination } }
         let now = Int64(Date().timeIntervalSince1970 * 1000)
-        let cutoff = now - Spool.milliseconds(applyAfter)
+        let clock = ContinuousClock.now
+        let cutoff = clock - applyAfter
         let (batches, finishes, sequence, nextBatchID, nextDeliveryID, waiting) = unapplied.withLockedValue { u in
             let full = requested || u.forceFull || !over.isEmpty
-            let batches = full ? u.batches : u.batches.filter { $0.value.receivedAt <= cutoff }
+            let batches = full ? u.batches : u.batches.filter { $0.value.written <= cutoff }
             // SQLite will hold every record up to the first batch left out.
-            let left = full ? nil : u.batches.values.lazy.filter { $0.receivedAt > cutoff }.map(\.sequence).min()
+            let left = full ? nil : u.batches.values.lazy.filter { $0.written > cutoff }.map(\.sequence).min()
             let sequence = max(u.appliedSequence, left.map { $0 - 1 } ?? u.sequence)
             return (batches, u.finishes, sequence, u.nextBatchID, u.nextDeliveryID, u.appliedSequence)
         }
+        // Where the records after `sequence` begin: the first batch left out, or what comes next.
+        let fromSegment = unapplied.withLockedValue { u in
+            u.batches.values.lazy.filter { $0.sequence > sequence }.map(\.payload.segment).min()
+        } ?? log.currentSegment
         let replays =
             try lookForReplays && db.read { db in try Bool.fetchOne(db, sql: "SELECT EXISTS (SELECT 1 FROM replays)") } == true
         // Nothing but the sequence number to store: once a second is enough (it lets segments go).
-        let progress = sequence > waiting && (requested || now - lastProgress.withLockedValue { $0 } >= 1000)
+        let progress = sequence > waiting && (requested || clock - lastProgress.withLockedValue { $0 } >= .seconds(1))
         guard !batches.isEmpty || !finishes.isEmpty || !over.isEmpty || replays || progress else { return }
         let stopwatch = Stopwatch()
         defer { stopwatch.record(into: IngestMetrics.shared.spoolApply) }
@@ -863,9 +895,10 @@ final class Spool: Sendable {
                     next = (next.batch + 1, next.delivery + 1)
                 }
             }
-            try Spool.storeProgress(db, sequence: sequence, nextBatchID: next.batch, nextDeliveryID: next.delivery)
+            try Spool.storeProgress(
+                db, sequence: sequence, fromSegment: fromSegment, nextBatchID: next.batch, nextDeliveryID: next.delivery)
         }
-        lastProgress.withLockedValue { $0 = now }
+        lastProgress.withLockedValue { $0 = clock }
         unapplied.withLockedValue { u in
             for (id, b) in batches {
                 u.batches[id] = nil
@@ -896,8 +929,8 @@ final class Spool: Sendable {
         }
     }
 
-    /// When the applied sequence number was last stored (ms since 1970).
-    private let lastProgress = NIOLockedValueBox<Int64>(0)
+    /// When the applied sequence number was last stored.
+    private let lastProgress = NIOLockedValueBox(ContinuousClock.now)
 
     private func updateCounts(freed bytes: Int, finished: [DeliveryTarget], added: [DeliveryTarget]) {
         let maxBytes = self.maxBytes
