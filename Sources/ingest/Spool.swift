@@ -69,6 +69,8 @@ final class Spool: Sendable {
         /// `full`: every batch, however young; `replays`: look for dead letters put back by
         /// `ingest dead-letters replay`.
         case apply(full: Bool, replays: Bool, @Sendable (Result<Void, any Error>) -> Void)
+        /// The applier's thread finished an apply.
+        case applied(ApplyWork, Result<ApplyResult, any Error>)
     }
 
     typealias Completion = @Sendable (Result<[Int64], any Error>) -> Void
@@ -116,6 +118,14 @@ final class Spool: Sendable {
         var nextDeliveryID: Int64
         /// A dead letter waits: the next apply takes every batch (the dead letter's first).
         var forceFull = false
+        /// The batches of the apply running on the applier's thread (nil: none runs); the
+        /// requests for applies made meanwhile.
+        var applying: [Int64: Batch]?
+        /// The deliveries whose completions that apply takes to SQLite.
+        var applyingFinishes: Set<Int64> = []
+        var deferred: [(full: Bool, replays: Bool, requests: [@Sendable (Result<Void, any Error>) -> Void])] = []
+        /// When the applied sequence number was last stored.
+        var lastProgress = ContinuousClock.now
     }
 
     private let db: DatabasePool
@@ -471,7 +481,7 @@ final class Spool: Sendable {
         let (recent, bound, finishing) = unapplied.withLockedValue { u in
             var found: [(id: Int64, batchID: Int64, key: String?, at: PayloadLocation)] = []
             // Finished, and SQLite not told yet: not to be sent again.
-            let finishing = Set(u.finishes.lazy.map(\.id))
+            let finishing = u.applyingFinishes.union(u.finishes.lazy.map(\.id))
             guard let ids = u.lanes[target] else { return (found, u.nextDeliveryID, finishing) }
             var low = 0
             var high = ids.count
@@ -480,7 +490,7 @@ final class Spool: Sendable {
                 if ids[mid] <= after { low = mid + 1 } else { high = mid }
             }
             for id in ids[low...] {
-                guard let batchID = u.batchOf[id], let b = u.batches[batchID] else { continue }
+                guard let batchID = u.batchOf[id], let b = u.batches[batchID] ?? u.applying?[batchID] else { continue }
                 found.append((id, batchID, b.key, b.payload))
                 if found.count == limit { break }
             }
@@ -640,6 +650,7 @@ final class Spool: Sendable {
             var applies: [@Sendable (Result<Void, any Error>) -> Void] = []
             var full = false
             var replays = false
+            var applied: [(ApplyWork, Result<ApplyResult, any Error>)] = []
             for op in operations {
                 switch op {
                 case .append(let batches, let tenant, let destinations, let completion):
@@ -649,15 +660,16 @@ final class Spool: Sendable {
                     applies.append(done)
                     full = full || all
                     replays = replays || lookForReplays
+                case .applied(let work, let result): applied.append((work, result))
                 }
             }
             previous = appends.count + completions.count
             let done = completions.isEmpty ? [] : finish(completions)
             if !appends.isEmpty || !done.isEmpty { write(appends, done: done) }
+            for (work, result) in applied { finishApply(work, result) }
             if !applies.isEmpty {
                 state.withLockedValue { $0.applyQueued = false }
-                let result = Result { try apply(full: full, replays: replays) }
-                for done in applies { done(result) }
+                startApply(full: full, replays: replays, requests: applies)
             }
             IngestMetrics.shared.spoolCommittedOperations.increment(by: Int64(previous))
         }
@@ -785,13 +797,12 @@ final class Spool: Sendable {
                 guard c.deadLetter == nil, let batchID = u.batchOf[c.id], var batch = u.batches[batchID],
                     let index = batch.deliveries.firstIndex(where: { $0.id == c.id })
                 else {
-                    // SQLite's (or a repeated ack, which finds nothing there), or a dead letter: its
-                    // batch goes to SQLite at the apply, then the dead letter; an ack repeated
-                    // meanwhile must not take the delivery out of the batch before that.
-                    if c.deadLetter != nil {
-                        u.batchOf[c.id] = nil
-                        u.forceFull = true
-                    }
+                    // SQLite's (or a repeated ack, which finds nothing there), of a batch being
+                    // applied, or a dead letter: its batch goes to SQLite at the next apply, then
+                    // the dead letter; an ack repeated meanwhile must not take the delivery out of
+                    // the batch before that.
+                    u.batchOf[c.id] = nil
+                    if c.deadLetter != nil { u.forceFull = true }
                     u.finishes.append(c)
                     continue
                 }
@@ -816,57 +827,128 @@ final class Spool: Sendable {
         return done
     }
 
-    /// Tells SQLite what the log holds that it does not, in one transaction committed to disk
+    /// An apply tells SQLite what the log holds that it does not, in one transaction committed to disk
     /// with the sequence number up to which SQLite then holds everything (a restart reads back
     /// only the records after it): the batches that have waited `applyAfter` — or all of them
     /// when `full` (a flush, a dead letter, a destination over the backlog cap) —, the completions
     /// of deliveries SQLite has, dead letters, the backlog cap, and dead letters put back by
     /// `ingest dead-letters replay`. Batches delivered sooner never touch SQLite.
-    private func apply(full requested: Bool, replays lookForReplays: Bool) throws {
-        let over = state.withLockedValue { $0.backlog.filter { $0.value > maxBacklogPerDestination } }
-        let now = Int64(Date().timeIntervalSince1970 * 1000)
-        let clock = ContinuousClock.now
-        let cutoff = clock - applyAfter
-        let (batches, finishes, sequence, nextBatchID, nextDeliveryID, waiting) = unapplied.withLockedValue { u in
-            let full = requested || u.forceFull || !over.isEmpty
-            let batches = full ? u.batches : u.batches.filter { $0.value.written <= cutoff }
-            // SQLite will hold every record up to the first batch left out.
-            let left = full ? nil : u.batches.values.lazy.filter { $0.written > cutoff }.map(\.sequence).min()
-            let sequence = max(u.appliedSequence, left.map { $0 - 1 } ?? u.sequence)
-            return (batches, u.finishes, sequence, u.nextBatchID, u.nextDeliveryID, u.appliedSequence)
-        }
-        // Where the records after `sequence` begin: the first batch left out, or what comes next.
-        let fromSegment = unapplied.withLockedValue { u in
-            u.batches.values.lazy.filter { $0.sequence > sequence }.map(\.payload.segment).min()
-        } ?? log.currentSegment
-        let replays =
-            try lookForReplays && db.read { db in try Bool.fetchOne(db, sql: "SELECT EXISTS (SELECT 1 FROM replays)") } == true
-        // Nothing but the sequence number to store: once a second is enough (it lets segments go).
-        let progress = sequence > waiting && (requested || clock - lastProgress.withLockedValue { $0 } >= .seconds(1))
-        guard !batches.isEmpty || !finishes.isEmpty || !over.isEmpty || replays || progress else { return }
-        let stopwatch = Stopwatch()
-        defer { stopwatch.record(into: IngestMetrics.shared.spoolApply) }
+    /// What one apply takes, as the writer saw it when it started the apply.
+    private struct ApplyWork: Sendable {
+        var batches: [Int64: Unapplied.Batch]
+        var finishes: [(id: Int64, deadLetter: DeadLetter?)]
+        var sequence: UInt64
+        var fromSegment: Int64
+        var backlog: [DeliveryTarget: Int]
+        /// Dead letters put back, with the ids the writer gave them.
+        var replays: [(row: Int64, batchID: Int64, delivery: SpooledDelivery)]
+        var nextBatchID: Int64
+        var nextDeliveryID: Int64
+        var full: Bool
+        var requests: [@Sendable (Result<Void, any Error>) -> Void]
+    }
+
+    /// What SQLite did with it.
+    private struct ApplyResult: Sendable {
         var finished: [(id: Int64, target: DeliveryTarget)] = []
         var freed: [PayloadLocation] = []
         var freedBytes = 0
-        var taken: [SpooledDelivery] = []
-        var next = (batch: nextBatchID, delivery: nextDeliveryID)
-        try db.write { db in
-            (finished, freed, freedBytes, taken, next) = ([], [], 0, [], (nextBatchID, nextDeliveryID))
-            for (id, b) in batches {
+        var elapsed = Duration.zero
+    }
+
+    /// Starts an apply (on the writer's thread): what is to go to SQLite is handed to the
+    /// applier's thread, and the writer goes on writing the log meanwhile (an apply of a few
+    /// hundred batches is milliseconds of SQLite: appends waited for it when the writer did it
+    /// itself). One apply at a time: requests made while one runs wait for it.
+    private func startApply(full requested: Bool, replays lookForReplays: Bool, requests: [@Sendable (Result<Void, any Error>) -> Void]) {
+        let running = unapplied.withLockedValue { u -> Bool in
+            guard u.applying != nil else { return false }
+            u.deferred.append((requested, lookForReplays, requests))
+            return true
+        }
+        if running { return }
+        let backlog = state.withLockedValue { $0.backlog }
+        let over = backlog.contains { $0.value > maxBacklogPerDestination }
+        let clock = ContinuousClock.now
+        let cutoff = clock - applyAfter
+        var replays: [Row] = []
+        if lookForReplays {
+            do {
+                replays = try db.read { db in try Row.fetchAll(db, sql: "SELECT * FROM replays ORDER BY id LIMIT 1000") }
+            } catch {
+                for request in requests { request(.failure(error)) }
+                return
+            }
+        }
+        let work = unapplied.withLockedValue { u -> ApplyWork? in
+            let full = requested || u.forceFull || over
+            let batches = full ? u.batches : u.batches.filter { $0.value.written <= cutoff }
+            // SQLite will hold every record up to the first batch left out.
+            let left = full ? [] : u.batches.values.filter { $0.written > cutoff }
+            let sequence = max(u.appliedSequence, left.map(\.sequence).min().map { $0 - 1 } ?? u.sequence)
+            // Nothing but the sequence number to store: once a second is enough (it lets segments go).
+            let progress = sequence > u.appliedSequence && (requested || clock - u.lastProgress >= .seconds(1))
+            guard !batches.isEmpty || !u.finishes.isEmpty || over || !replays.isEmpty || progress else { return nil }
+            var work = ApplyWork(
+                batches: batches, finishes: u.finishes, sequence: sequence,
+                // Where the records after `sequence` begin: the first batch left out, or what comes next.
+                fromSegment: left.map(\.payload.segment).min() ?? log.currentSegment, backlog: backlog, replays: [],
+                nextBatchID: u.nextBatchID, nextDeliveryID: u.nextDeliveryID, full: full, requests: requests)
+            for row in replays {
+                let target = DeliveryTarget(tenant: row["tenant"], destination: row["destination"])
+                let payload: Data = row["payload"]
+                work.replays.append(
+                    (row["id"], u.nextBatchID,
+                     SpooledDelivery(
+                        id: u.nextDeliveryID, batchID: u.nextBatchID, target: target, key: row["key"], payload: ByteBuffer(data: payload))))
+                u.nextBatchID += 1
+                u.nextDeliveryID += 1
+            }
+            work.nextBatchID = u.nextBatchID
+            work.nextDeliveryID = u.nextDeliveryID
+            for id in batches.keys { u.batches[id] = nil }
+            u.applying = batches
+            u.applyingFinishes = Set(u.finishes.lazy.map(\.id))
+            u.finishes = []
+            if full { u.forceFull = false }
+            u.lastProgress = clock
+            return work
+        }
+        guard let work else {
+            for request in requests { request(.success(())) }
+            return
+        }
+        applierQueue.async {
+            let stopwatch = Stopwatch()
+            let result = Result { try self.applyToSQLite(work) }
+            stopwatch.record(into: IngestMetrics.shared.spoolApply)
+            self.enqueue(.applied(work, result.map { var r = $0; r.elapsed = stopwatch.elapsed; return r }))
+        }
+    }
+
+    /// Where applies run: a thread of its own, so the writer goes on meanwhile.
+    private let applierQueue = DispatchQueue(label: "sluice.spool.applier")
+
+    /// The apply's one transaction, on the disk when it returns (on the applier's thread).
+    private func applyToSQLite(_ work: ApplyWork) throws -> ApplyResult {
+        let now = Int64(Date().timeIntervalSince1970 * 1000)
+        return try db.write { db in
+            var result = ApplyResult()
+            for (id, b) in work.batches {
                 try Spool.insert(db, batch: id, tenant: b.tenant, key: b.key, receivedAt: b.receivedAt, payload: b.payload)
                 for d in b.deliveries { try Spool.insert(db, delivery: d.id, batch: id, tenant: b.tenant, destination: d.destination) }
             }
-            for c in finishes {
-                guard let done = try Spool.finish(db, delivery: c.id, deadLetter: c.deadLetter, now: now, log: log, freed: &freed) else {
-                    continue  // already finished (a repeated ack), or of a batch still only in the log
+            for c in work.finishes {
+                guard let done = try Spool.finish(db, delivery: c.id, deadLetter: c.deadLetter, now: now, log: log, freed: &result.freed)
+                else {
+                    continue  // already finished (a repeated ack)
                 }
-                finished.append((c.id, done.target))
-                freedBytes += done.bytes
+                result.finished.append((c.id, done.target))
+                result.freedBytes += done.bytes
             }
             // The backlog cap: the oldest of a destination over it become dead letters.
-            var backlog = state.withLockedValue { $0.backlog }
-            for d in finished { backlog[d.target, default: 0] -= 1 }
+            var backlog = work.backlog
+            for d in result.finished { backlog[d.target, default: 0] -= 1 }
             for (target, n) in backlog where n > maxBacklogPerDestination {
                 let oldest = try Int64.fetchAll(
                     db, sql: "SELECT id FROM deliveries WHERE tenant = ? AND destination = ? ORDER BY id LIMIT ?",
@@ -875,62 +957,73 @@ final class Spool: Sendable {
                 for delivery in oldest {
                     guard
                         let done = try Spool.finish(
-                            db, delivery: delivery, deadLetter: DeadLetter(reason: reason, attempts: 0), now: now, log: log, freed: &freed)
+                            db, delivery: delivery, deadLetter: DeadLetter(reason: reason, attempts: 0), now: now, log: log,
+                            freed: &result.freed)
                     else { continue }
-                    finished.append((delivery, done.target))
-                    freedBytes += done.bytes
+                    result.finished.append((delivery, done.target))
+                    result.freedBytes += done.bytes
                 }
             }
-            if replays {
-                for row in try Row.fetchAll(db, sql: "SELECT * FROM replays ORDER BY id") {
-                    let target = DeliveryTarget(tenant: row["tenant"], destination: row["destination"])
-                    let payload: Data = row["payload"]
-                    try db.execute(
-                        sql: "INSERT INTO batches (id, tenant, key, payload, received_at) VALUES (?, ?, ?, ?, ?)",
-                        arguments: [next.batch, target.tenant, row["key"], payload, row["received_at"]])
-                    try Spool.insert(db, delivery: next.delivery, batch: next.batch, tenant: target.tenant, destination: target.destination)
-                    try db.execute(sql: "DELETE FROM replays WHERE id = ?", arguments: [row["id"]])
-                    taken.append(
-                        SpooledDelivery(id: next.delivery, batchID: next.batch, target: target, key: row["key"], payload: ByteBuffer(data: payload)))
-                    next = (next.batch + 1, next.delivery + 1)
-                }
+            for (row, batchID, d) in work.replays {
+                try db.execute(
+                    sql: "INSERT INTO batches (id, tenant, key, payload, received_at) VALUES (?, ?, ?, ?, (SELECT received_at FROM replays WHERE id = ?))",
+                    arguments: [batchID, d.target.tenant, d.key, Data(d.payload.readableBytesView), row])
+                try Spool.insert(db, delivery: d.id, batch: batchID, tenant: d.target.tenant, destination: d.target.destination)
+                try db.execute(sql: "DELETE FROM replays WHERE id = ?", arguments: [row])
             }
             try Spool.storeProgress(
-                db, sequence: sequence, fromSegment: fromSegment, nextBatchID: next.batch, nextDeliveryID: next.delivery)
-        }
-        lastProgress.withLockedValue { $0 = clock }
-        unapplied.withLockedValue { u in
-            for (id, b) in batches {
-                u.batches[id] = nil
-                for d in b.deliveries { u.batchOf[d.id] = nil }
-            }
-            u.finishes.removeFirst(finishes.count)
-            if u.batches.isEmpty { u.forceFull = false }
-            for (target, ids) in u.lanes {
-                let kept = ids.filter { u.batchOf[$0] != nil }
-                u.lanes[target] = kept.isEmpty ? nil : kept
-            }
-            u.appliedSequence = max(u.appliedSequence, sequence)
-            u.nextBatchID = next.batch
-            u.nextDeliveryID = next.delivery
-        }
-        fresh.withLockedValue { f in
-            for d in finished { f.finished(d.id, target: d.target) }
-            for d in taken { f.inserted(d) }
-        }
-        updateCounts(
-            freed: freedBytes - taken.reduce(0) { $0 + $1.payload.readableBytes }, finished: finished.map(\.target), added: taken.map(\.target))
-        for location in freed { log.release(location.segment) }
-        log.applied(upTo: sequence)
-        if stopwatch.elapsed > .milliseconds(100) {
-            logger.warning(
-                "slow spool apply",
-                metadata: ["spool.apply_ms": "\(Spool.milliseconds(stopwatch.elapsed))", "spool.batches": "\(batches.count)"])
+                db, sequence: work.sequence, fromSegment: work.fromSegment, nextBatchID: work.nextBatchID,
+                nextDeliveryID: work.nextDeliveryID)
+            return result
         }
     }
 
-    /// When the applied sequence number was last stored.
-    private let lastProgress = NIOLockedValueBox(ContinuousClock.now)
+    /// An apply ended (on the writer's thread): what SQLite now holds leaves memory, or, when it
+    /// failed, goes back to wait for the next one.
+    private func finishApply(_ work: ApplyWork, _ outcome: Result<ApplyResult, any Error>) {
+        let deferred = unapplied.withLockedValue { u in
+            defer { u.deferred = [] }
+            u.applying = nil
+            u.applyingFinishes = []
+            switch outcome {
+            case .success:
+                for b in work.batches.values { for d in b.deliveries { u.batchOf[d.id] = nil } }
+                for (target, ids) in u.lanes {
+                    let kept = ids.filter { u.batchOf[$0] != nil }
+                    u.lanes[target] = kept.isEmpty ? nil : kept
+                }
+                u.appliedSequence = max(u.appliedSequence, work.sequence)
+            case .failure:
+                u.batches.merge(work.batches) { current, _ in current }
+                u.finishes = work.finishes + u.finishes
+                if work.full { u.forceFull = true }
+            }
+            return u.deferred
+        }
+        switch outcome {
+        case .success(let result):
+            fresh.withLockedValue { f in
+                for d in result.finished { f.finished(d.id, target: d.target) }
+                for r in work.replays { f.inserted(r.delivery) }
+            }
+            updateCounts(
+                freed: result.freedBytes - work.replays.reduce(0) { $0 + $1.delivery.payload.readableBytes },
+                finished: result.finished.map(\.target), added: work.replays.map(\.delivery.target))
+            for location in result.freed { log.release(location.segment) }
+            log.applied(upTo: work.sequence)
+            if result.elapsed > .milliseconds(100) {
+                logger.warning(
+                    "slow spool apply",
+                    metadata: ["spool.apply_ms": "\(Spool.milliseconds(result.elapsed))", "spool.batches": "\(work.batches.count)"])
+            }
+            for request in work.requests { request(.success(())) }
+        case .failure(let error):
+            for request in work.requests { request(.failure(error)) }
+        }
+        guard !deferred.isEmpty else { return }
+        startApply(
+            full: deferred.contains { $0.full }, replays: deferred.contains { $0.replays }, requests: deferred.flatMap(\.requests))
+    }
 
     private func updateCounts(freed bytes: Int, finished: [DeliveryTarget], added: [DeliveryTarget]) {
         let maxBytes = self.maxBytes

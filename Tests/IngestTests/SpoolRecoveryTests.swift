@@ -201,6 +201,44 @@ final class SpoolRecoveryTests: XCTestCase {
         XCTAssertEqual(try spool.pending(a, after: 0, limit: 10).map { String(buffer: $0.payload) }, ["{\"old\":1}", "{\"young\":1}"])
     }
 
+    /// Applies run on their own thread while the writer goes on: with one every millisecond and
+    /// every batch old enough at once, appends and completions race them; nothing is lost, nothing
+    /// finished comes back, before or after a restart without a last apply.
+    func testAppliesRacingAppendsAndCompletionsLoseNothing() async throws {
+        var spool: Spool? = try Spool(directory: dir, maxBytes: 1 << 26, applyInterval: .milliseconds(1), applyAfter: .zero)
+        var cursor: Int64 = 0
+        var kept: [String] = []
+        for i in 0..<300 {
+            let body = "{\"n\":\(i)}"
+            _ = try await spool!.append(tenant: "acme", destinations: ["a", "b"], batches: [batch(body)])
+            for d in try spool!.pending(a, after: cursor, limit: 10) {
+                spool!.complete(delivery: d.id)
+                cursor = d.id
+            }
+            if i % 3 == 0 {
+                for d in try spool!.pending(b, after: 0, limit: 1) { spool!.complete(delivery: d.id) }
+            }
+        }
+        try spool!.flush()
+        let waiting = try spool!.pending(b, after: 0, limit: 1000).map { String(buffer: $0.payload) }
+        kept = waiting
+        XCTAssertEqual(waiting.count, 200, "b finished one in three")
+        XCTAssertEqual(spool!.backlog, [b: 200])
+        XCTAssertEqual(try sql("SELECT COUNT(*) FROM deliveries") as Int?, 200)
+        XCTAssertEqual(try sql("SELECT COUNT(*) FROM batches") as Int?, 200)
+        XCTAssertEqual(spool!.usedBytes, waiting.reduce(0) { $0 + $1.utf8.count })
+        // One more of b's finished, then the process dies before any apply.
+        let logged = spool!.segments.values.reduce(0, +)
+        spool!.complete(delivery: try spool!.pending(b, after: 0, limit: 1)[0].id)
+        try await waitForLogToGrow(spool!, from: logged)
+        spool = nil
+
+        let reopened = try openSpool()
+        XCTAssertEqual(reopened.backlog, [b: 199])
+        XCTAssertEqual(try reopened.pending(b, after: 0, limit: 1000).map { String(buffer: $0.payload) }, Array(kept.dropFirst()))
+        XCTAssertEqual(try reopened.pending(a, after: 0, limit: 1000), [])
+    }
+
     func testRecordsReadBackAsWritten() {
         let records = [
             SpoolRecord(
