@@ -735,7 +735,10 @@ final class Spool: Sendable {
             for append in appends { append.completion(.failure(error)) }
             return
         }
-        guard durable else { return }
+        guard durable else {
+            unapplied.withLockedValue { $0.sequence = sequence }
+            return
+        }
         let logTime = stopwatch.elapsed
         IngestMetrics.shared.spoolPayloadWrite.record(logTime)
         var bytes = 0

@@ -239,6 +239,21 @@ final class SpoolRecoveryTests: XCTestCase {
         XCTAssertEqual(try reopened.pending(a, after: 0, limit: 1000), [])
     }
 
+    /// Sequence numbers grow by one per record, a record of finished deliveries written alone
+    /// included.
+    func testEveryRecordTakesTheNextSequenceNumber() async throws {
+        let spool = try openSpool()
+        _ = try await spool.append(tenant: "acme", destinations: ["a"], batches: [batch("{\"n\":1}")])
+        let logged = spool.segments.values.reduce(0, +)
+        spool.complete(delivery: try spool.pending(a, after: 0, limit: 1)[0].id)
+        try await waitForLogToGrow(spool, from: logged)
+        _ = try await spool.append(tenant: "acme", destinations: ["a"], batches: [batch("{\"n\":2}"), batch("{\"n\":3}")])
+        let segment = dir + "/" + (try XCTUnwrap(try segmentFiles().last))
+        let found = try Data(contentsOf: URL(fileURLWithPath: segment)).withUnsafeBytes { SpoolRecord.scan($0) }
+        XCTAssertEqual(found.count, 4)
+        XCTAssertEqual(found.map(\.sequence), (0..<4).map { found[0].sequence + UInt64($0) })
+    }
+
     func testRecordsReadBackAsWritten() {
         let records = [
             SpoolRecord(
