@@ -18,9 +18,8 @@ struct PayloadLocation: Sendable, Equatable {
 ///
 /// A segment is retired once no batch refers to it, a newer one is being written, and SQLite
 /// durably holds everything up to its last record (`applied(upTo:)`: until then, a restart
-/// reads its records back). One retired
-/// segment is kept as the spare (`payloads-spare.log`) and becomes the next segment, written over
-/// from its start; the others are deleted. Writing over blocks a file already has makes the
+/// reads its records back). One retired segment is kept as the spare (`payloads-spare.log`) and
+/// becomes the next segment, written over from its start; the others are deleted. Writing over blocks a file already has makes the
 /// `fdatasync` a flush of data only — appending to a new file also commits the file system's
 /// journal (its size and block allocation) every time: on this project's test machine a 40 KB
 /// write + `fdatasync` took 0.29 ms instead of 0.47 (p50), at half the CPU, with a worst case of
