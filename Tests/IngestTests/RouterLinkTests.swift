@@ -9,11 +9,7 @@ import XCTest
 
 /// The feeder's flow control towards the router, through its public surface: deliveries sent,
 /// answers received.
-final class RouterLinkTests: XCTestCase {
-    var dir = ""
-    override func setUp() { dir = NSTemporaryDirectory() + "link-\(UUID().uuidString)" }
-    override func tearDown() { try? FileManager.default.removeItem(atPath: dir) }
-
+final class RouterLinkTests: SpoolTestCase {
     let target = DeliveryTarget(tenant: "acme", destination: "main")
 
     func makeLink(

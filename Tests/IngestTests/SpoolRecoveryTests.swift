@@ -10,11 +10,7 @@ import XCTest
 /// SQLite hears of a batch once it waited a second (or at a flush) or never (delivered before
 /// then). These tests stop a spool without its last apply — as a killed process does — and check
 /// what the next one finds.
-final class SpoolRecoveryTests: XCTestCase {
-    var dir = ""
-    override func setUp() { dir = NSTemporaryDirectory() + "spool-recovery-\(UUID().uuidString)" }
-    override func tearDown() { try? FileManager.default.removeItem(atPath: dir) }
-
+final class SpoolRecoveryTests: SpoolTestCase {
     let a = DeliveryTarget(tenant: "acme", destination: "a")
     let b = DeliveryTarget(tenant: "acme", destination: "b")
 
@@ -27,10 +23,6 @@ final class SpoolRecoveryTests: XCTestCase {
     func waitForLogToGrow(_ spool: Spool, from size: Int64) async throws {
         for _ in 0..<300 where spool.segments.values.reduce(0, +) <= size { try await Task.sleep(for: .milliseconds(10)) }
         XCTAssertGreaterThan(spool.segments.values.reduce(0, +), size)
-    }
-
-    func batch(_ text: String, mpid: String? = nil) -> ValidatedBatch {
-        ValidatedBatch(bytes: ByteBuffer(string: text), mpid: mpid, eventCount: 0)
     }
 
     func sql<T: DatabaseValueConvertible>(_ query: String) throws -> T? {

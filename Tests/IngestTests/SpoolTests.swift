@@ -7,15 +7,7 @@ import XCTest
 
 @testable import ingest
 
-final class SpoolTests: XCTestCase {
-    var dir = ""
-    override func setUp() { dir = NSTemporaryDirectory() + "spool-\(UUID().uuidString)" }
-    override func tearDown() { try? FileManager.default.removeItem(atPath: dir) }
-
-    func batch(_ text: String, mpid: String? = nil) -> ValidatedBatch {
-        ValidatedBatch(bytes: ByteBuffer(string: text), mpid: mpid, eventCount: 0)
-    }
-
+final class SpoolTests: SpoolTestCase {
     func waitFor(_ condition: () -> Bool) async throws {
         for _ in 0..<300 where !condition() { try await Task.sleep(for: .milliseconds(10)) }
     }
