@@ -2,8 +2,8 @@
 /// pump sends them without reading them back from SQLite and the payload log (a query, a `pread`
 /// and a reader transaction per request; the readers also kept the checkpoint from rewinding the
 /// WAL). What is not here comes from the spool as before: after a reconnect or a refusal (the
-/// lane's cursor goes back), a destination that was evicted for room, deliveries put back by
-/// `ingest dead-letters replay` from another process.
+/// lane's cursor goes back), a destination that was evicted for room, ids this memory was not
+/// told of.
 ///
 /// The rule that makes it safe, per destination: every unfinished delivery with an id above the
 /// lane's `floor` is in `waiting`. So a lane whose cursor is at or above its floor is answered
@@ -18,8 +18,9 @@ struct FreshDeliveries {
     private var lanes: [DeliveryTarget: Lane] = [:]
     /// The floor of a destination without a lane.
     private var baseFloor: Int64
-    /// The last delivery id this process inserted. The next one must follow it: a gap means another
-    /// process inserted deliveries (a dead-letter replay), which are not here.
+    /// The last delivery id this process inserted. The next one must follow it: a gap means ids
+    /// this memory was not told of (a log write that failed used them up), so from there on only
+    /// newer ones are known.
     private var lastInserted: Int64
     private var bytes = 0
     let maxBytes: Int

@@ -68,7 +68,8 @@ struct Serve: AsyncParsableCommand {
         } observe: { applied in
             ConfigMetrics.record(applied: applied)
         }
-        // Picks up batches put back by `ingest dead-letters replay` while ingest is idle.
+        // While ingest is idle, sends what the spool took in from `ingest dead-letters replay` (and
+        // whatever a lane left behind).
         let idlePump = Task {
             while !Task.isCancelled {
                 try? await Task.sleep(for: .seconds(1))

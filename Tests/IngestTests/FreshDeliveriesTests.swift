@@ -31,11 +31,11 @@ final class FreshDeliveriesTests: XCTestCase {
         XCTAssertEqual(fresh.waiting(a, after: 103, limit: 10)?.map(\.id), [], "a finished delivery is never sent again")
     }
 
-    func testDeliveriesInsertedByAnotherProcessAreLeftToTheSpool() {
+    func testDeliveriesThisMemoryWasNotToldOfAreLeftToTheSpool() {
         var fresh = FreshDeliveries(lastDeliveryID: 0)
         fresh.inserted(delivery(1, a))
         fresh.sent(a, upTo: 1)
-        // A dead-letter replay from `ingest dead-letters replay` took id 2; this process's next is 3.
+        // Id 2 was used up without this memory hearing of it (a log write that failed); the next is 3.
         fresh.inserted(delivery(3, a))
         XCTAssertNil(fresh.waiting(a, after: 1, limit: 10), "delivery 2 is not in memory: read the spool")
         XCTAssertEqual(fresh.waiting(a, after: 2, limit: 10)?.map(\.id), [3])
