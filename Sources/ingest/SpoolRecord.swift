@@ -104,11 +104,6 @@ struct SpoolRecord: Equatable {
         var offset: Int
         var payloadOffset: Int
         var payloadLength: Int
-
-        var record: SpoolRecord? {
-            if case .batch(let record) = entry { return record }
-            return nil
-        }
     }
 
     /// The records at the start of `bytes`, in order, up to the first that is not whole and
