@@ -680,12 +680,6 @@ final class Spool: Sendable {
         return done
     }
 
-    /// An apply tells SQLite what the log holds that it does not, in one transaction committed to disk
-    /// with the sequence number up to which SQLite then holds everything (a restart reads back
-    /// only the records after it): the batches that have waited `applyAfter` — or all of them
-    /// when `full` (a flush, a dead letter, a destination over the backlog cap) —, the completions
-    /// of deliveries SQLite has, dead letters, the backlog cap, and dead letters put back by
-    /// `ingest dead-letters replay`. Batches delivered sooner never touch SQLite.
     /// What one apply takes, as the writer saw it when it started the apply.
     private struct ApplyWork: Sendable {
         var batches: [Int64: Unapplied.Batch]
@@ -709,6 +703,16 @@ final class Spool: Sendable {
         var elapsed = Duration.zero
     }
 
+    /// An apply tells SQLite what the log holds that it does not, in one transaction committed to
+    /// disk with the sequence number up to which SQLite then holds everything (a restart reads
+    /// back only the records after it): the batches that have waited `applyAfter` — or all of
+    /// them when `full` (a flush, a dead letter) —, the completions of deliveries SQLite has, dead
+    /// letters, the backlog cap, and dead letters put back by `ingest dead-letters replay`.
+    /// Batches delivered sooner never touch SQLite. The backlog cap takes the oldest of a
+    /// destination from SQLite only: they are older than any still only in the log, which the
+    /// cap reaches once they have waited `applyAfter` (a destination that is down must not bring
+    /// every other tenant's young batches into SQLite).
+    ///
     /// Starts an apply (on the writer's thread): what is to go to SQLite is handed to the
     /// applier's thread, and the writer goes on writing the log meanwhile (an apply of a few
     /// hundred batches is milliseconds of SQLite: appends waited for it when the writer did it
@@ -734,7 +738,7 @@ final class Spool: Sendable {
             }
         }
         let work = unapplied.withLockedValue { u -> ApplyWork? in
-            let full = requested || u.forceFull || over
+            let full = requested || u.forceFull
             let batches = full ? u.batches : u.batches.filter { $0.value.written <= cutoff }
             // SQLite will hold every record up to the first batch left out.
             let left = full ? [] : u.batches.values.filter { $0.written > cutoff }

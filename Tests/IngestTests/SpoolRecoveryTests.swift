@@ -246,6 +246,23 @@ final class SpoolRecoveryTests: SpoolTestCase {
         XCTAssertEqual(found.map(\.sequence), (0..<4).map { found[0].sequence + UInt64($0) })
     }
 
+    /// A destination over its backlog cap does not bring young batches into SQLite: the cap takes
+    /// the oldest, which SQLite holds once they have waited.
+    func testTheBacklogCapLeavesYoungBatchesInTheLog() async throws {
+        let spool = try Spool(
+            directory: dir, maxBytes: 1 << 24, maxBacklogPerDestination: 2, applyInterval: .milliseconds(10),
+            applyAfter: .seconds(3600))
+        for i in 0..<4 { _ = try await spool.append(tenant: "acme", destinations: ["a"], batches: [batch("{\"n\":\(i)}")]) }
+        _ = try await spool.append(tenant: "other", destinations: ["x"], batches: [batch("{\"x\":1}")])
+        try await Task.sleep(for: .milliseconds(200))  // twenty applies' time
+        XCTAssertEqual(try sql("SELECT COUNT(*) FROM batches") as Int?, 0, "nothing is old enough yet")
+        XCTAssertEqual(spool.backlog[a], 4)
+        try spool.flush()  // now SQLite holds them all, and the cap applies
+        XCTAssertEqual(spool.backlog[a], 2)
+        XCTAssertEqual(try spool.pending(a, after: 0, limit: 10).map { String(buffer: $0.payload) }, ["{\"n\":2}", "{\"n\":3}"])
+        XCTAssertEqual(try DeadLetterStore(spoolDirectory: dir).list(.init()).map(\.reason.isEmpty), [false, false])
+    }
+
     func testRecordsReadBackAsWritten() {
         let records = [
             SpoolRecord(
