@@ -72,13 +72,24 @@ struct FreshDeliveries {
         lanes[target] = lane
     }
 
-    /// Up to `limit` unfinished deliveries of `target` with an id above `after`, oldest first; nil
-    /// when memory cannot tell (read the spool).
-    func waiting(_ target: DeliveryTarget, after: Int64, limit: Int) -> [SpooledDelivery]? {
+    /// Up to `limit` unfinished deliveries of `target` with an id above `after`, oldest first, no
+    /// more than fit in `maxBytes` (at least one); nil when memory cannot tell (read the spool).
+    func waiting(_ target: DeliveryTarget, after: Int64, limit: Int, maxBytes: Int = .max) -> [SpooledDelivery]? {
         guard let lane = lanes[target] else { return after >= baseFloor ? [] : nil }
         guard after >= lane.floor else { return nil }
-        return Array(lane.waiting.lazy.filter { $0.id > after }.prefix(limit))
+        var found: [SpooledDelivery] = []
+        var bytes = 0
+        for d in lane.waiting where d.id > after {
+            if found.count == limit || (!found.isEmpty && bytes + d.payload.readableBytes > maxBytes) { break }
+            bytes += d.payload.readableBytes
+            found.append(d)
+        }
+        return found
     }
+
+    /// The id up to which `target`'s unfinished deliveries may be missing here (memory holds
+    /// every one after it).
+    func floor(of target: DeliveryTarget) -> Int64 { lanes[target]?.floor ?? baseFloor }
 
     /// Deliveries of `target` up to `id` went to the router (read from here or from the spool).
     mutating func sent(_ target: DeliveryTarget, upTo id: Int64) {

@@ -26,6 +26,9 @@ struct IngestMetrics: Sendable {
     let spoolCommittedOperations = Metrics.counter(
         "sluice_ingest_spool_committed_operations_total",
         "Appends (one per request) and completions taken by the spool's writer; divided by the commits, the group size.")
+    let spoolReadBack = Metrics.counter(
+        "sluice_ingest_spool_read_back_total",
+        "Deliveries read back from the spool to be sent (after a restart, a refusal or a reconnect, or when the memory for just-spooled ones was full).")
     let deliveriesSent = Metrics.counter(
         "sluice_ingest_deliveries_sent_total", "Deliveries (a batch for one destination) sent to the router, resends included.")
     let routerRefusals = Metrics.counter(

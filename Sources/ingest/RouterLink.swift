@@ -397,14 +397,14 @@ final class RouterLink: FrameConnectionHandler {
                     // The idle pump reads the spool itself, whatever memory holds.
                     var deliveries: [SpooledDelivery]
                     if onLoop {
-                        guard let known = spool.pendingInMemory(target, after: cursor, limit: room) else {
+                        guard let known = spool.pendingInMemory(target, after: cursor, limit: room, maxBytes: roomBytes) else {
                             needRead = true
                             lookAgain.append(target)
                             continue
                         }
                         deliveries = known
                     } else {
-                        deliveries = try spool.pending(target, after: cursor, limit: room, fromMemory: !full)
+                        deliveries = try spool.pending(target, after: cursor, limit: room, maxBytes: roomBytes, fromMemory: !full)
                     }
                     guard !deliveries.isEmpty else { continue }
                     // Within the lane's byte window and the link's (at least one when none is in

@@ -165,7 +165,7 @@ final class Spool: Sendable {
     init(
         directory: String, maxBytes: Int, maxBacklogPerDestination: Int = 100_000, segmentBytes: Int64 = 64 << 20,
         commitDelay: Duration = .microseconds(300), commitDelayOperations: Int = 8, applyInterval: Duration = .milliseconds(100),
-        applyAfter: Duration = .seconds(1), logger: Logger = Logger(label: "sluice.spool")
+        applyAfter: Duration = .seconds(1), freshMaxBytes: Int = 8 << 20, logger: Logger = Logger(label: "sluice.spool")
     ) throws {
         self.logger = logger
         self.applyAfter = applyAfter
@@ -223,7 +223,7 @@ final class Spool: Sendable {
         let backlog = try db.read { db in
             try Row.fetchAll(db, sql: "SELECT tenant, destination, COUNT(*) AS n FROM deliveries GROUP BY tenant, destination")
         }
-        fresh = NIOLockedValueBox(FreshDeliveries(lastDeliveryID: recovered.nextDeliveryID - 1))
+        fresh = NIOLockedValueBox(FreshDeliveries(lastDeliveryID: recovered.nextDeliveryID - 1, maxBytes: freshMaxBytes))
         unapplied = NIOLockedValueBox(
             Unapplied(
                 sequence: recovered.sequence, appliedSequence: recovered.sequence, nextBatchID: recovered.nextBatchID,
@@ -320,16 +320,42 @@ final class Spool: Sendable {
         })
     }
 
-    /// Up to `limit` deliveries waiting for `target` with an id above `after`, oldest first: from
-    /// memory when asked and it holds them all (`FreshDeliveries`; the pump asks), else from SQLite
-    /// and the log (with what the log holds and SQLite does not yet).
-    func pending(_ target: DeliveryTarget, after: Int64, limit: Int, fromMemory: Bool = false) throws -> [SpooledDelivery] {
-        if fromMemory, let known = pendingInMemory(target, after: after, limit: limit) { return known }
+    /// Up to `limit` deliveries waiting for `target` with an id above `after`, oldest first, and
+    /// no more of them than fit in `maxBytes` (at least one): from memory when asked and it holds
+    /// them all (`FreshDeliveries`; the pump asks), else from SQLite and the log (with what the
+    /// log holds and SQLite does not yet). Only the payloads returned are read from the log.
+    func pending(
+        _ target: DeliveryTarget, after: Int64, limit: Int, maxBytes: Int = .max, fromMemory: Bool = false
+    ) throws -> [SpooledDelivery] {
+        guard fromMemory else { return try read(target, after: after, through: .max, limit: limit, maxBytes: maxBytes) }
+        if let known = pendingInMemory(target, after: after, limit: limit, maxBytes: maxBytes) { return known }
+        // Below the lane's in-memory floor (after a refusal, a reconnect, an eviction): only the
+        // deliveries up to the floor are read back, memory holds every one after it. (Reading
+        // `limit` of them from the spool read back ~8 deliveries per one evicted: at max load
+        // per event with 50 tenants, ingest's `pread`s outnumbered its requests two to one.)
+        let floor = fresh.withLockedValue { $0.floor(of: target) }
+        var found = try read(target, after: after, through: floor, limit: limit, maxBytes: maxBytes)
+        let used = found.reduce(0) { $0 + $1.payload.readableBytes }
+        // A floor raised meanwhile (another eviction) leaves memory's part to the next read.
+        if found.count < limit, used < maxBytes,
+            let more = fresh.withLockedValue({ $0.waiting(target, after: floor, limit: limit - found.count, maxBytes: maxBytes - used) }),
+            let first = more.first, found.isEmpty || used + first.payload.readableBytes <= maxBytes
+        {
+            found += more
+        }
+        return found
+    }
+
+    /// Deliveries read back by `pending` from SQLite and the log (for tests: the metric is global).
+    let readBack = NIOLockedValueBox(0)
+
+    /// `pending` from SQLite and the log, ids up to `through`.
+    private func read(_ target: DeliveryTarget, after: Int64, through: Int64, limit: Int, maxBytes: Int) throws -> [SpooledDelivery] {
         assert(MultiThreadedEventLoopGroup.currentEventLoop == nil, "a spool read on an event loop")
         // The unapplied first: an apply between the two reads moves them into SQLite, so they are
         // seen once or twice (kept once), never missed.
         let (recent, bound, finishing) = unapplied.withLockedValue { u in
-            var found: [(id: Int64, batchID: Int64, key: String?, at: PayloadLocation)] = []
+            var found: [Candidate] = []
             // Finished, and SQLite not told yet: not to be sent again.
             let finishing = u.applyingFinishes.union(u.finishes.lazy.map(\.id))
             guard let ids = u.lanes[target] else { return (found, u.nextDeliveryID, finishing) }
@@ -340,45 +366,84 @@ final class Spool: Sendable {
                 if ids[mid] <= after { low = mid + 1 } else { high = mid }
             }
             for id in ids[low...] {
+                if id > through { break }
                 guard let batchID = u.batchOf[id], let b = u.batches[batchID] ?? u.applying?[batchID] else { continue }
-                found.append((id, batchID, b.key, b.payload))
+                found.append(Candidate(id: id, batchID: batchID, key: b.key, length: b.payload.length, source: .log(b.payload)))
                 if found.count == limit { break }
             }
             return (found, u.nextDeliveryID, finishing)
         }
-        let read = try db.read { db in
+        let rows = try db.read { db in
             try Row.fetchAll(
                 db.cachedStatement(
                     sql: """
                         SELECT d.id, d.batch_id, b.key, b.payload, b.segment, b.segment_offset, b.length
                         FROM deliveries d JOIN batches b ON b.id = d.batch_id
-                        WHERE d.tenant = ? AND d.destination = ? AND d.id > ? ORDER BY d.id LIMIT ?
+                        WHERE d.tenant = ? AND d.destination = ? AND d.id > ? AND d.id <= ? ORDER BY d.id LIMIT ?
                         """),
-                arguments: [target.tenant, target.destination, after, limit]
-            ).map { row in
-                SpooledDelivery(id: row["id"], batchID: row["batch_id"], target: target, key: row["key"], payload: try payload(row))
-            }
+                arguments: [target.tenant, target.destination, after, through, limit]
+            )
         }
         // Ids handed out after the memory was read (a replay taken in meanwhile, in SQLite) may
         // come after ones handed out meanwhile and still only in the log: left to the next read.
-        let stored = read.filter { $0.id < bound && !finishing.contains($0.id) }
-        guard !recent.isEmpty else { return stored }
-        // Both in id order; the first `limit` of the two together (ids of replays taken in are
-        // above those of batches still only in the log).
-        let known = Set(stored.map(\.id))
-        var merged = stored.map { (id: $0.id, stored: Optional($0), recent: Int?.none) }
-        for (i, r) in recent.enumerated() where !known.contains(r.id) { merged.append((r.id, nil, i)) }
-        return try merged.sorted { $0.id < $1.id }.prefix(limit).map { m in
-            if let d = m.stored { return d }
-            let r = recent[m.recent!]
-            return SpooledDelivery(id: r.id, batchID: r.batchID, target: target, key: r.key, payload: try log.read(r.at))
+        var candidates: [Candidate] = rows.compactMap { row in
+            let id: Int64 = row["id"]
+            guard id < bound, !finishing.contains(id) else { return nil }
+            let source: Candidate.Source
+            if let segment: Int64 = row["segment"] {
+                source = .log(PayloadLocation(segment: segment, offset: row["segment_offset"], length: row["length"]))
+            } else {
+                source = .inline(row["payload"])  // a row of an older spool
+            }
+            return Candidate(id: id, batchID: row["batch_id"], key: row["key"], length: source.length, source: source)
         }
+        // Both in id order (ids of replays taken in are above those of batches still only in the
+        // log); an apply between the two reads may show one in both.
+        if !recent.isEmpty {
+            let known = Set(candidates.map(\.id))
+            candidates += recent.filter { !known.contains($0.id) }
+            candidates.sort { $0.id < $1.id }
+        }
+        var found: [SpooledDelivery] = []
+        var bytes = 0
+        for c in candidates.prefix(limit) {
+            if !found.isEmpty && bytes + c.length > maxBytes { break }
+            bytes += c.length
+            let payload: ByteBuffer
+            switch c.source {
+            case .log(let location): payload = try log.read(location)
+            case .inline(let data): payload = ByteBuffer(data: data)
+            }
+            found.append(SpooledDelivery(id: c.id, batchID: c.batchID, target: target, key: c.key, payload: payload))
+        }
+        readBack.withLockedValue { $0 += found.count }
+        IngestMetrics.shared.spoolReadBack.increment(by: Int64(found.count))
+        return found
+    }
+
+    /// A delivery `read` found, before its payload is read.
+    private struct Candidate {
+        enum Source {
+            case log(PayloadLocation)
+            case inline(Data)
+            var length: Int {
+                switch self {
+                case .log(let location): location.length
+                case .inline(let data): data.count
+                }
+            }
+        }
+        var id: Int64
+        var batchID: Int64
+        var key: String?
+        var length: Int
+        var source: Source
     }
 
     /// `pending` from memory alone, without touching the disk: nil when memory cannot answer (the
     /// lane is below its in-memory floor: after a refusal, a reconnect or an eviction).
-    func pendingInMemory(_ target: DeliveryTarget, after: Int64, limit: Int) -> [SpooledDelivery]? {
-        fresh.withLockedValue { $0.waiting(target, after: after, limit: limit) }
+    func pendingInMemory(_ target: DeliveryTarget, after: Int64, limit: Int, maxBytes: Int = .max) -> [SpooledDelivery]? {
+        fresh.withLockedValue { $0.waiting(target, after: after, limit: limit, maxBytes: maxBytes) }
     }
 
     /// The deliveries of `target` up to `id` went to the router.
@@ -388,15 +453,6 @@ final class Spool: Sendable {
 
     /// Bytes of batches held in memory for the pump (for tests).
     var freshBytes: Int { fresh.withLockedValue { $0.heldBytes } }
-
-    /// A batch's bytes from a row with `payload`, `segment`, `segment_offset` and `length`.
-    private func payload(_ row: Row) throws -> ByteBuffer {
-        if let segment: Int64 = row["segment"] {
-            return try log.read(PayloadLocation(segment: segment, offset: row["segment_offset"], length: row["length"]))
-        }
-        let data: Data = row["payload"]
-        return ByteBuffer(data: data)
-    }
 
     /// Payload log segments and their sizes, for tests.
     var segments: [Int64: Int64] { log.segments }

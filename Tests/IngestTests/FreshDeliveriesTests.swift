@@ -21,6 +21,8 @@ final class FreshDeliveriesTests: XCTestCase {
         XCTAssertEqual(fresh.waiting(a, after: 100, limit: 10)?.map(\.id), [101, 103, 104])
         XCTAssertEqual(fresh.waiting(a, after: 100, limit: 2)?.map(\.id), [101, 103])
         XCTAssertEqual(fresh.waiting(b, after: 100, limit: 10)?.map(\.id), [102])
+        XCTAssertEqual(fresh.waiting(a, after: 100, limit: 10, maxBytes: 25)?.map(\.id), [101, 103], "two of 10 bytes fit in 25")
+        XCTAssertEqual(fresh.waiting(a, after: 100, limit: 10, maxBytes: 5)?.map(\.id), [101], "at least one")
 
         fresh.sent(a, upTo: 103)
         XCTAssertEqual(fresh.waiting(a, after: 103, limit: 10)?.map(\.id), [104])
@@ -60,6 +62,8 @@ final class FreshDeliveriesTests: XCTestCase {
         XCTAssertEqual(fresh.waiting(b, after: 0, limit: 10)?.map(\.id), [9], "the others keep their fresh deliveries")
         XCTAssertNil(fresh.waiting(a, after: 0, limit: 10), "the evicted ones come from the spool")
         XCTAssertEqual(fresh.waiting(a, after: 5, limit: 10)?.map(\.id), [6, 7, 8])
+        XCTAssertEqual(fresh.floor(of: a), 4, "only the evicted ones (1–4) are to be read back")
+        XCTAssertEqual(fresh.floor(of: b), 0)
     }
 
     func testABatchIsCountedByTheStorageItKeepsAlive() {

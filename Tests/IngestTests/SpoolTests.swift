@@ -327,4 +327,27 @@ extension SpoolTests {
         let next = try spool.pending(a, after: rest.last!.id, limit: 10, fromMemory: true)
         XCTAssertEqual(next.map { String(buffer: $0.payload) }, ["{\"n\":4}", "{\"n\":5}"], "the replayed one is not skipped")
     }
+
+    /// A lane whose oldest deliveries were evicted from memory (it held too many) reads back only
+    /// those: the ones after them still come from memory — and the answer is the spool's.
+    func testOnlyTheEvictedDeliveriesAreReadBack() async throws {
+        let one = FreshDeliveries.cost(SpooledDelivery(id: 0, batchID: 0, target: a, key: nil, payload: batch("{\"n\":0}").bytes))
+        let spool = try Spool(directory: dir, maxBytes: 1 << 20, freshMaxBytes: 3 * one)
+        for i in 0..<8 { _ = try await spool.append(tenant: "acme", destinations: ["a"], batches: [batch("{\"n\":\(i)}")]) }
+        XCTAssertNil(spool.pendingInMemory(a, after: 0, limit: 10), "five were evicted")
+        let fromMemory = try spool.pending(a, after: 0, limit: 10, fromMemory: true)
+        XCTAssertEqual(spool.readBack.withLockedValue { $0 }, 5, "the three memory holds are not read back")
+        XCTAssertEqual(fromMemory, try spool.pending(a, after: 0, limit: 10))
+        XCTAssertEqual(fromMemory.map { String(buffer: $0.payload) }, (0..<8).map { "{\"n\":\($0)}" })
+
+        XCTAssertEqual(try spool.pending(a, after: 0, limit: 4, fromMemory: true), Array(fromMemory.prefix(4)), "the limit holds")
+        // A byte budget (what the router link has room for): only what fits is read, at least one.
+        let readBefore = spool.readBack.withLockedValue { $0 }
+        XCTAssertEqual(try spool.pending(a, after: 0, limit: 10, maxBytes: 2 * 7, fromMemory: true), Array(fromMemory.prefix(2)))
+        XCTAssertEqual(try spool.pending(a, after: 0, limit: 10, maxBytes: 0), Array(fromMemory.prefix(1)))
+        XCTAssertEqual(spool.readBack.withLockedValue { $0 } - readBefore, 3, "payloads beyond the budget are not read")
+        XCTAssertEqual(try spool.pending(a, after: fromMemory[4].id, limit: 10, maxBytes: 2 * 7, fromMemory: true), Array(fromMemory[5...6]))
+        spool.sent(a, upTo: fromMemory[5].id)
+        XCTAssertEqual(try spool.pending(a, after: fromMemory[5].id, limit: 10, fromMemory: true), Array(fromMemory.suffix(2)))
+    }
 }
