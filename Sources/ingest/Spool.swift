@@ -331,21 +331,26 @@ final class Spool: Sendable {
     func pending(
         _ target: DeliveryTarget, after: Int64, limit: Int, maxBytes: Int = .max, fromMemory: Bool = false
     ) throws -> [SpooledDelivery] {
-        guard fromMemory else { return try read(target, after: after, through: .max, limit: limit, maxBytes: maxBytes) }
+        guard fromMemory else { return try read(target, after: after, through: .max, limit: limit, maxBytes: maxBytes).found }
         if let known = pendingInMemory(target, after: after, limit: limit, maxBytes: maxBytes) { return known }
         // Below the lane's in-memory floor (after a refusal, a reconnect, an eviction): only the
         // deliveries up to the floor are read back, memory holds every one after it. (Reading
         // `limit` of them from the spool read back ~8 deliveries per one evicted: at max load
         // per event with 50 tenants, ingest's `pread`s outnumbered its requests two to one.)
         let floor = fresh.withLockedValue { $0.floor(of: target) }
-        var found = try read(target, after: after, through: floor, limit: limit, maxBytes: maxBytes)
-        let used = found.reduce(0) { $0 + $1.payload.readableBytes }
-        // A floor raised meanwhile (another eviction) leaves memory's part to the next read.
-        if found.count < limit, used < maxBytes,
-            let more = fresh.withLockedValue({ $0.waiting(target, after: floor, limit: limit - found.count, maxBytes: maxBytes - used) }),
-            let first = more.first, found.isEmpty || used + first.payload.readableBytes <= maxBytes
-        {
-            found += more
+        var (found, complete) = try read(target, after: after, through: floor, limit: limit, maxBytes: maxBytes)
+        // Memory's part only after every delivery up to the floor (a read cut short by the limit
+        // or the bytes must not be followed by later ones: the lane's cursor would pass those it
+        // left out). A floor raised meanwhile (another eviction) leaves memory's part to the next read.
+        guard complete, found.count < limit else { return found }
+        var bytes = found.reduce(0) { $0 + $1.payload.readableBytes }
+        guard let more = pendingInMemory(target, after: floor, limit: limit - found.count, maxBytes: maxBytes - bytes) else {
+            return found
+        }
+        for d in more {
+            if !found.isEmpty && bytes + d.payload.readableBytes > maxBytes { break }
+            bytes += d.payload.readableBytes
+            found.append(d)
         }
         return found
     }
@@ -353,8 +358,11 @@ final class Spool: Sendable {
     /// Deliveries read back by `pending` from SQLite and the log (for tests: the metric is global).
     let readBack = NIOLockedValueBox(0)
 
-    /// `pending` from SQLite and the log, ids up to `through`.
-    private func read(_ target: DeliveryTarget, after: Int64, through: Int64, limit: Int, maxBytes: Int) throws -> [SpooledDelivery] {
+    /// `pending` from SQLite and the log, ids up to `through`; `complete`: every unfinished one up
+    /// to `through` is in `found`.
+    private func read(
+        _ target: DeliveryTarget, after: Int64, through: Int64, limit: Int, maxBytes: Int
+    ) throws -> (found: [SpooledDelivery], complete: Bool) {
         assert(MultiThreadedEventLoopGroup.currentEventLoop == nil, "a spool read on an event loop")
         // The unapplied first: an apply between the two reads moves them into SQLite, so they are
         // seen once or twice (kept once), never missed.
@@ -395,8 +403,10 @@ final class Spool: Sendable {
         }
         // Ids handed out after the memory was read (a replay taken in meanwhile, in SQLite) may
         // come after ones handed out meanwhile and still only in the log: left to the next read.
+        var complete = rows.count < limit && recent.count < limit
         var candidates: [Candidate] = rows.compactMap { row in
             let id: Int64 = row["id"]
+            if id >= bound { complete = false }
             guard id < bound, !finishing.contains(id) else { return nil }
             let source: Candidate.Source
             if let segment: Int64 = row["segment"] {
@@ -427,7 +437,7 @@ final class Spool: Sendable {
         }
         readBack.withLockedValue { $0 += found.count }
         IngestMetrics.shared.spoolReadBack.increment(by: Int64(found.count))
-        return found
+        return (found, complete && found.count == candidates.count)
     }
 
     /// A delivery `read` found, before its payload is read.

@@ -346,8 +346,26 @@ extension SpoolTests {
         XCTAssertEqual(try spool.pending(a, after: 0, limit: 10, maxBytes: 2 * 7, fromMemory: true), Array(fromMemory.prefix(2)))
         XCTAssertEqual(try spool.pending(a, after: 0, limit: 10, maxBytes: 0), Array(fromMemory.prefix(1)))
         XCTAssertEqual(spool.readBack.withLockedValue { $0 } - readBefore, 3, "payloads beyond the budget are not read")
+        // Bytes left after a read cut short by them: the ones memory holds must not skip the rest.
+        XCTAssertEqual(try spool.pending(a, after: 0, limit: 10, maxBytes: 2 * 7 + 3, fromMemory: true), Array(fromMemory.prefix(2)))
+        XCTAssertEqual(try spool.pending(a, after: 0, limit: 2, fromMemory: true), Array(fromMemory.prefix(2)))
+        XCTAssertEqual(try spool.pending(a, after: fromMemory[3].id, limit: 3, fromMemory: true), Array(fromMemory[4...6]))
         XCTAssertEqual(try spool.pending(a, after: fromMemory[4].id, limit: 10, maxBytes: 2 * 7, fromMemory: true), Array(fromMemory[5...6]))
         spool.sent(a, upTo: fromMemory[5].id)
         XCTAssertEqual(try spool.pending(a, after: fromMemory[5].id, limit: 10, fromMemory: true), Array(fromMemory.suffix(2)))
+    }
+
+    /// A read back cut short by the byte budget before the floor is not followed by memory's
+    /// deliveries, even when the next of those would fit: the lane's cursor would pass the rest.
+    func testAReadBackCutShortIsNotFollowedByLaterDeliveries() async throws {
+        let one = FreshDeliveries.cost(SpooledDelivery(id: 0, batchID: 0, target: a, key: nil, payload: batch("{\"n\":0}").bytes))
+        let spool = try Spool(directory: dir, maxBytes: 1 << 20, freshMaxBytes: 3 * one)
+        let large = "{\"n\":1,\"pad\":\"\(String(repeating: "x", count: 200))\"}"
+        for i in 0..<8 { _ = try await spool.append(tenant: "acme", destinations: ["a"], batches: [batch(i == 1 ? large : "{\"n\":\(i)}")]) }
+        let all = try spool.pending(a, after: 0, limit: 10)
+        XCTAssertEqual(spool.pendingInMemory(a, after: all[4].id, limit: 10), Array(all[5...]), "memory holds the last three")
+        // Room for the first and 10 bytes more: not for the large second, though for the sixth.
+        XCTAssertEqual(try spool.pending(a, after: 0, limit: 10, maxBytes: 7 + 10, fromMemory: true), [all[0]])
+        XCTAssertEqual(try spool.pending(a, after: all[1].id, limit: 10, fromMemory: true), Array(all[2...]))
     }
 }
