@@ -13,7 +13,8 @@ final class RouterLinkTests: SpoolTestCase {
     let target = DeliveryTarget(tenant: "acme", destination: "main")
 
     func makeLink(
-        window: Int, totalWindowBytes: Int = 8 << 20, destinations: [String] = ["main"], loop: EventLoop? = nil
+        window: Int, totalWindowBytes: Int = 8 << 20, destinations: [String] = ["main"], loop: EventLoop? = nil,
+        freshMaxBytes: Int = 8 << 20
     ) throws -> (Spool, RouterLink) {
         let lines = destinations.map { "          \($0): {kind: kafka, bootstrap_servers: dev, plaintext: true, topic: t-\($0)}" }
         let config = try SluiceConfig.parse(
@@ -25,7 +26,7 @@ final class RouterLinkTests: SpoolTestCase {
                     destinations:
                 \(lines.joined(separator: "\n"))
                 """)
-        let spool = try Spool(directory: dir, maxBytes: 1 << 24)
+        let spool = try Spool(directory: dir, maxBytes: 1 << 24, freshMaxBytes: freshMaxBytes)
         let link = RouterLink(
             spool: spool, tenants: Tenants(config), window: window, totalWindowBytes: totalWindowBytes, loop: loop,
             logger: Logger(label: "test"))
@@ -153,5 +154,58 @@ final class RouterLinkTests: SpoolTestCase {
         try await Task.sleep(for: .milliseconds(50))
         XCTAssertEqual(grown.count + peer.takeQueued().filter { $0.type == .batch }.count, 5, "5,625 bytes: still 5 of 1,000")
         XCTAssertEqual(link.inFlight, 5)
+    }
+
+    /// Every batch reaches every one of its destinations once, in order, while the memory for
+    /// just-spooled deliveries is too small to hold them (read back from the spool, cut by the
+    /// link's byte window) and the router refuses now and then (it then refuses everything after
+    /// the refused one until that one comes again, as the router does).
+    func testEveryDeliveryGoesOnceAndInOrderUnderMemoryPressureAndRefusals() async throws {
+        let names = ["d0", "d1", "d2", "d3"]
+        let (spool, link) = try makeLink(
+            window: 8, totalWindowBytes: 6_000, destinations: names, loop: MultiThreadedEventLoopGroup.singleton.next(),
+            freshMaxBytes: 3_000)
+        let peer = FramePeer()
+        await link.connected(peer)
+        var random = SystemRandomNumberGenerator()
+        var expected: [String: [Int]] = [:]
+        var received: [String: [Int]] = [:]
+        var refused: [String: UInt64] = [:]
+        let batches = 200
+        var appended = 0
+        let deadline = ContinuousClock.now + .seconds(60)
+        while ContinuousClock.now < deadline {
+            if appended < batches {
+                let to = names.filter { _ in Bool.random(using: &random) }
+                let body = "{\"n\":\(appended),\"p\":\"" + String(repeating: "x", count: Int.random(in: 10...900, using: &random)) + "\"}"
+                _ = try await spool.append(
+                    tenant: "acme", destinations: to, batches: [ValidatedBatch(bytes: ByteBuffer(string: body), mpid: nil, eventCount: 1)])
+                for d in to { expected[d, default: []].append(appended) }
+                link.pump(to.map { DeliveryTarget(tenant: "acme", destination: $0) })  // as ingest's sink does
+                appended += 1
+            }
+            for frame in peer.takeQueued() where frame.type == .batch {
+                let d = try XCTUnwrap(frame.destination)
+                if let first = refused[d], frame.id != first {
+                    try await link.received(.nack(frame.id, reason: "router backlog is full", retryable: true), from: peer)
+                    continue
+                }
+                refused[d] = nil
+                if Int.random(in: 0..<40, using: &random) == 0 {
+                    refused[d] = frame.id
+                    try await link.received(.nack(frame.id, reason: "router backlog is full", retryable: true), from: peer)
+                    continue
+                }
+                let n = try XCTUnwrap(JSONValue.parse(try XCTUnwrap(frame.payload))["n"]).description
+                received[d, default: []].append(try XCTUnwrap(Int(n)))
+                try await link.received(.ack(frame.id), from: peer)
+            }
+            if appended == batches {
+                if received == expected { break }
+                try await Task.sleep(for: .milliseconds(5))
+            }
+        }
+        XCTAssertEqual(received, expected, "each batch once, in order, for each of its destinations")
+        XCTAssertGreaterThan(spool.readBack.withLockedValue { $0 }, 0, "memory was too small: some were read back")
     }
 }
