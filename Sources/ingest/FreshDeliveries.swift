@@ -77,14 +77,7 @@ struct FreshDeliveries {
     func waiting(_ target: DeliveryTarget, after: Int64, limit: Int, maxBytes: Int = .max) -> [SpooledDelivery]? {
         guard let lane = lanes[target] else { return after >= baseFloor ? [] : nil }
         guard after >= lane.floor else { return nil }
-        var found: [SpooledDelivery] = []
-        var bytes = 0
-        for d in lane.waiting where d.id > after {
-            if found.count == limit || (!found.isEmpty && bytes + d.payload.readableBytes > maxBytes) { break }
-            bytes += d.payload.readableBytes
-            found.append(d)
-        }
-        return found
+        return lane.waiting.lazy.filter { $0.id > after }.prefix(limit, maxBytes: maxBytes) { $0.payload.readableBytes }
     }
 
     /// The id up to which `target`'s unfinished deliveries may be missing here (memory holds
@@ -110,5 +103,22 @@ struct FreshDeliveries {
         bytes -= Self.cost(first)
         lane.floor = first.id
         lanes[target] = lane
+    }
+}
+
+extension Sequence {
+    /// The first elements, at most `limit`, while their sizes add up to no more than `maxBytes` —
+    /// and at least one whatever its size, unless `atLeastOne` is false.
+    func prefix(_ limit: Int, maxBytes: Int, atLeastOne: Bool = true, size: (Element) -> Int) -> [Element] {
+        var found: [Element] = []
+        var bytes = 0
+        for element in self {
+            guard found.count < limit else { break }
+            let n = size(element)
+            if (!found.isEmpty || !atLeastOne) && bytes + n > maxBytes { break }
+            bytes += n
+            found.append(element)
+        }
+        return found
     }
 }

@@ -409,15 +409,8 @@ final class RouterLink: FrameConnectionHandler {
                     guard !deliveries.isEmpty else { continue }
                     // Within the lane's byte window and the link's (at least one when none is in
                     // flight: a batch larger than either still goes).
-                    var added = 0
-                    var fits = 0
-                    for d in deliveries {
-                        if fits > 0 || !idle, added + d.payload.readableBytes > roomBytes { break }
-                        added += d.payload.readableBytes
-                        fits += 1
-                    }
-                    if fits == 0 { continue }
-                    deliveries.removeLast(deliveries.count - fits)
+                    deliveries = deliveries.prefix(.max, maxBytes: roomBytes, atLeastOne: idle) { $0.payload.readableBytes }
+                    if deliveries.isEmpty { continue }
                     let frames = deliveries.map { d -> Frame in
                         var frame = Frame(type: .batch, id: UInt64(bitPattern: d.id))
                         frame.tenant = d.target.tenant

@@ -343,16 +343,11 @@ final class Spool: Sendable {
         // or the bytes must not be followed by later ones: the lane's cursor would pass those it
         // left out). A floor raised meanwhile (another eviction) leaves memory's part to the next read.
         guard complete, found.count < limit else { return found }
-        var bytes = found.reduce(0) { $0 + $1.payload.readableBytes }
+        let bytes = found.reduce(0) { $0 + $1.payload.readableBytes }
         guard let more = pendingInMemory(target, after: floor, limit: limit - found.count, maxBytes: maxBytes - bytes) else {
             return found
         }
-        for d in more {
-            if !found.isEmpty && bytes + d.payload.readableBytes > maxBytes { break }
-            bytes += d.payload.readableBytes
-            found.append(d)
-        }
-        return found
+        return found + more.prefix(.max, maxBytes: maxBytes - bytes, atLeastOne: found.isEmpty) { $0.payload.readableBytes }
     }
 
     /// Deliveries read back by `pending` from SQLite and the log (for tests: the metric is global).
@@ -382,7 +377,7 @@ final class Spool: Sendable {
             for id in ids[low...] {
                 if id > through { break }
                 guard let batchID = u.batchOf[id], let b = u.batches[batchID] ?? u.applying?[batchID] else { continue }
-                found.append(Candidate(id: id, batchID: batchID, key: b.key, length: b.payload.length, source: .log(b.payload)))
+                found.append(Candidate(id: id, batchID: batchID, key: b.key, source: .log(b.payload)))
                 if found.count == limit { break }
             }
             return (found, u.nextDeliveryID, finishing, inSQLite)
@@ -414,7 +409,7 @@ final class Spool: Sendable {
             } else {
                 source = .inline(row["payload"])  // a row of an older spool
             }
-            return Candidate(id: id, batchID: row["batch_id"], key: row["key"], length: source.length, source: source)
+            return Candidate(id: id, batchID: row["batch_id"], key: row["key"], source: source)
         }
         // Both in id order (ids of replays taken in are above those of batches still only in the
         // log); an apply between the two reads may show one in both.
@@ -423,17 +418,14 @@ final class Spool: Sendable {
             candidates += recent.filter { !known.contains($0.id) }
             candidates.sort { $0.id < $1.id }
         }
-        var found: [SpooledDelivery] = []
-        var bytes = 0
-        for c in candidates.prefix(limit) {
-            if !found.isEmpty && bytes + c.length > maxBytes { break }
-            bytes += c.length
+        let chosen = candidates.prefix(limit, maxBytes: maxBytes) { $0.source.length }
+        let found = try chosen.map { c in
             let payload: ByteBuffer
             switch c.source {
             case .log(let location): payload = try log.read(location)
             case .inline(let data): payload = ByteBuffer(data: data)
             }
-            found.append(SpooledDelivery(id: c.id, batchID: c.batchID, target: target, key: c.key, payload: payload))
+            return SpooledDelivery(id: c.id, batchID: c.batchID, target: target, key: c.key, payload: payload)
         }
         readBack.withLockedValue { $0 += found.count }
         IngestMetrics.shared.spoolReadBack.increment(by: Int64(found.count))
@@ -455,7 +447,6 @@ final class Spool: Sendable {
         var id: Int64
         var batchID: Int64
         var key: String?
-        var length: Int
         var source: Source
     }
 

@@ -73,4 +73,13 @@ final class FreshDeliveriesTests: XCTestCase {
         fresh.inserted(SpooledDelivery(id: 1, batchID: 1, target: a, key: nil, payload: batch))
         XCTAssertGreaterThanOrEqual(fresh.heldBytes, 64 << 10)
     }
+
+    /// What a read takes within a byte budget: in order, while the sizes fit, at least one.
+    func testAPrefixWithinABudgetOfBytes() {
+        XCTAssertEqual([5, 5, 20, 1].prefix(10, maxBytes: 10) { $0 }, [5, 5], "stops at the first that does not fit")
+        XCTAssertEqual([5, 5, 20, 1].prefix(1, maxBytes: 100) { $0 }, [5], "and at the limit")
+        XCTAssertEqual([20, 1].prefix(10, maxBytes: 10) { $0 }, [20], "at least one, whatever its size")
+        XCTAssertEqual([20, 1].prefix(10, maxBytes: 10, atLeastOne: false) { $0 }, [])
+        XCTAssertEqual([20, 1].prefix(10, maxBytes: -5) { $0 }, [20], "even with no room left")
+    }
 }
