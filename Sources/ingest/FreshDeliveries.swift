@@ -26,7 +26,7 @@ struct FreshDeliveries {
     let maxBytes: Int
 
     /// `lastDeliveryID`: the highest delivery id the spool has ever handed out.
-    init(lastDeliveryID: Int64, maxBytes: Int = 8 << 20) {
+    init(lastDeliveryID: Int64, maxBytes: Int = 4 << 20) {
         baseFloor = lastDeliveryID
         lastInserted = lastDeliveryID
         self.maxBytes = maxBytes

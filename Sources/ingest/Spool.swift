@@ -168,7 +168,7 @@ final class Spool: Sendable {
     init(
         directory: String, maxBytes: Int, maxBacklogPerDestination: Int = 100_000, segmentBytes: Int64 = 64 << 20,
         commitDelay: Duration = .microseconds(300), commitDelayOperations: Int = 8, applyInterval: Duration = .milliseconds(100),
-        applyAfter: Duration = .seconds(1), freshMaxBytes: Int = 8 << 20, logger: Logger = Logger(label: "sluice.spool")
+        applyAfter: Duration = .seconds(1), freshMaxBytes: Int = 4 << 20, logger: Logger = Logger(label: "sluice.spool")
     ) throws {
         self.logger = logger
         self.applyAfter = applyAfter
