@@ -50,6 +50,8 @@ let package = Package(
             dependencies: [
                 "CRdKafka",
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
             ]
         ),
         // Prometheus metrics and the small /metrics + /healthz listener every process serves.
@@ -109,7 +111,12 @@ let package = Package(
         // Helpers for tests: spawning executables, kcat, temporary run directories.
         .target(name: "TestSupport", dependencies: ["Shared"], path: "Tests/TestSupport"),
         .testTarget(name: "RouterTests", dependencies: ["router", "Shared"]),
-        .testTarget(name: "KafkaClientTests", dependencies: ["KafkaClient", "Shared", "kafka-out", "TestSupport"]),
+        .testTarget(
+            name: "KafkaClientTests",
+            dependencies: [
+                "KafkaClient", "Shared", "kafka-out", "TestSupport", .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ]),
         .testTarget(
             name: "IngestTests",
             dependencies: [

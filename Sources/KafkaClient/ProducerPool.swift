@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import NIOCore
 
 /// A group's messages still in flight. Outside the generic pool (the context is kept apart), so
 /// the per-message work does not pay for generic metadata.
@@ -93,12 +94,16 @@ public final class ProducerPool<Context: Sendable>: @unchecked Sendable {
     private let onOutcomes: @Sendable ([Outcome]) -> Void
     private let onStatistics: @Sendable (_ all: [ProducerStatistics]) -> Void
     private let onError: @Sendable (KafkaError, ProducerConfiguration) -> Void
+    /// Where the producers' events (delivery reports) are served; nil: a thread per producer.
+    private let eventLoop: EventLoop?
 
     public init(
         logger: Logger, onOutcomes: @escaping @Sendable ([Outcome]) -> Void,
         onStatistics: @escaping @Sendable ([ProducerStatistics]) -> Void = { _ in },
-        onError: @escaping @Sendable (KafkaError, ProducerConfiguration) -> Void = { _, _ in }
+        onError: @escaping @Sendable (KafkaError, ProducerConfiguration) -> Void = { _, _ in },
+        eventLoop: EventLoop? = nil
     ) {
+        self.eventLoop = eventLoop
         self.logger = logger
         self.onOutcomes = onOutcomes
         self.onStatistics = onStatistics
@@ -129,6 +134,7 @@ public final class ProducerPool<Context: Sendable>: @unchecked Sendable {
                 self.onStatistics(all)
             },
             onError: { [weak self] error in self?.onError(error, configuration) },
+            eventLoop: eventLoop,
             onDelivery: { [weak self] reports in self?.delivered(reports) })
         box.withLock { identity = ObjectIdentifier(producer) }
         producerLogger.info("kafka producer created")

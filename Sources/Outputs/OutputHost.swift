@@ -1,6 +1,7 @@
 import Foundation
 import KafkaClient
 import Logging
+import NIOCore
 import NIOConcurrencyHelpers
 import Shared
 
@@ -29,7 +30,8 @@ public final class OutputHost<Spec: Sendable>: Sendable {
     public init(
         process: String, logger: Logger, decode: @escaping @Sendable (JSONValue) throws -> Spec,
         configuration: @escaping @Sendable (Spec) -> ProducerConfiguration?,
-        forgotten: @escaping @Sendable (String) -> Void = { _ in }
+        forgotten: @escaping @Sendable (String) -> Void = { _ in },
+        eventLoop: EventLoop? = nil
     ) {
         let metrics = OutputMetrics(process: process)
         self.metrics = metrics
@@ -42,7 +44,8 @@ public final class OutputHost<Spec: Sendable>: Sendable {
             logger: logger,
             onOutcomes: { outcomes in Delivery.answer(outcomes, metrics: metrics) },
             onStatistics: { all in metrics.record(all) },
-            onError: { error, configuration in relay.target?.clientError(error, configuration: configuration) })
+            onError: { error, configuration in relay.target?.clientError(error, configuration: configuration) },
+            eventLoop: eventLoop)
         relay.target = self
     }
 

@@ -39,12 +39,15 @@ struct Run: AsyncParsableCommand {
     func run() async throws {
         let logger = try options.start(process: "kafka-out")
         let devFile = devBootstrapFile ?? DevCluster.defaultBootstrapFile(runDir: options.runDir)
+        // One loop reads the router's frames, serves librdkafka's delivery reports and writes the answers.
+        let loop = MultiThreadedEventLoopGroup.singleton.next()
         let publisher = KafkaPublisher(
-            devBootstrapFile: devFile, messageTimeout: .milliseconds(messageTimeoutMs), maxInFlight: maxInFlight, logger: logger)
+            devBootstrapFile: devFile, messageTimeout: .milliseconds(messageTimeoutMs), maxInFlight: maxInFlight, eventLoop: loop,
+            logger: logger)
         let client = FrameClient(
             path: options.routerSocketPath, role: .kafkaOut,
             instance: instance ?? "kafka-out-\(ProcessInfo.processInfo.processIdentifier)",
-            handler: publisher, executor: EventLoopTaskExecutor(MultiThreadedEventLoopGroup.singleton.next()), logger: logger)
+            handler: publisher, executor: EventLoopTaskExecutor(loop), logger: logger)
         var services: [ServiceGroupConfiguration.ServiceConfiguration] = [.init(service: client), .init(service: publisher)]
         if let metricsListen {
             services.append(.init(service: try metricsListener(address: metricsListen, process: "kafka-out", logger: logger)))

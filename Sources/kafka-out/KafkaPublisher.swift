@@ -19,7 +19,12 @@ final class KafkaPublisher: FrameConnectionHandler, Service {
     private let logger: Logger
     private let host: OutputHost<KafkaDestination>
 
-    init(devBootstrapFile: String, messageTimeout: Duration = .seconds(300), maxInFlight: Int? = nil, logger: Logger) {
+    /// `eventLoop`: where the producers' delivery reports are served (the router connection's loop:
+    /// the answers they make are written there).
+    init(
+        devBootstrapFile: String, messageTimeout: Duration = .seconds(300), maxInFlight: Int? = nil, eventLoop: EventLoop? = nil,
+        logger: Logger
+    ) {
         self.devBootstrapFile = devBootstrapFile
         self.messageTimeout = messageTimeout
         self.maxInFlight = maxInFlight
@@ -27,7 +32,8 @@ final class KafkaPublisher: FrameConnectionHandler, Service {
         let relay = WeakRelay<KafkaPublisher>()
         host = OutputHost(
             process: "kafka_out", logger: logger, decode: { try KafkaDestination(wireJSON: $0) },
-            configuration: { destination in relay.target.flatMap { try? $0.producerConfiguration(for: destination) } })
+            configuration: { destination in relay.target.flatMap { try? $0.producerConfiguration(for: destination) } },
+            eventLoop: eventLoop)
         relay.target = self
     }
 

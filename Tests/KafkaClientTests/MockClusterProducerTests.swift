@@ -1,6 +1,8 @@
 import Foundation
 import KafkaClient
 import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
 import TestSupport
 import XCTest
 
@@ -42,6 +44,51 @@ final class MockClusterProducerTests: XCTestCase {
             XCTAssertEqual(m?.key, key)
         }
         XCTAssertNil(messages.first { $0.value == "{\"n\":\"nokey\"}" }?.key)
+    }
+
+    /// Served on an event loop (as kafka-out does): every report arrives on that loop, and a
+    /// producer that goes away closes its pipe and librdkafka's sockets.
+    func testEventsServedOnALoopReportEveryMessageThereAndTheProducerStopsCleanly() throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        defer { try? group.syncShutdownGracefully() }
+        let loop = group.next()
+        let cluster = try MockCluster(brokers: 3)
+        try cluster.createTopic("loop", partitions: 3, replicationFactor: 3)
+        let descriptorsBefore = try Self.openDescriptors()
+        let reports = Reports()
+        let offLoop = NIOLockedValueBox(0)
+        var producer: KafkaProducer? = try KafkaProducer(
+            configuration: .init(bootstrapServers: cluster.bootstrapServers, securityProtocol: .plaintext),
+            logger: .init(label: "test"), eventLoop: loop,
+            onDelivery: { r in
+                if !loop.inEventLoop { offLoop.withLockedValue { $0 += 1 } }
+                reports.add(r)
+            })
+        // More than one turn of the loop's draining, in several bursts.
+        for burst in 0..<4 {
+            for i in 0..<500 {
+                var v = "{\"n\":\(burst * 500 + i)}"
+                try v.withUTF8 {
+                    try producer!.produce(topic: "loop", key: nil, value: UnsafeRawBufferPointer($0), id: UInt64(burst * 500 + i + 1))
+                }
+            }
+            Thread.sleep(forTimeInterval: 0.05)
+        }
+        XCTAssertTrue(eventually(timeout: 30) { reports.all.count == 2000 }, "\(reports.all.count) of 2000 reported")
+        XCTAssertEqual(Set(reports.all.map(\.id)), Set(1...2000))
+        XCTAssertTrue(reports.all.allSatisfy { $0.error == nil })
+        XCTAssertEqual(offLoop.withLockedValue { $0 }, 0, "reports served off the loop")
+        XCTAssertEqual(try Kcat.consume(bootstrap: cluster.bootstrapServers, topic: "loop").count, 2000)
+
+        XCTAssertGreaterThan(try Self.openDescriptors(), descriptorsBefore)
+        producer = nil
+        XCTAssertTrue(
+            eventually(timeout: 10) { (try? Self.openDescriptors()) ?? .max <= descriptorsBefore },
+            "descriptors left open: \((try? Self.openDescriptors()) ?? -1) against \(descriptorsBefore) before")
+    }
+
+    private static func openDescriptors() throws -> Int {
+        try FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd").count
     }
 
     func testUndeliverableMessageIsReportedRetryableNeverDropped() throws {
