@@ -338,7 +338,7 @@ final class Spool: Sendable {
         // `limit` of them from the spool read back ~8 deliveries per one evicted: at max load
         // per event with 50 tenants, ingest's `pread`s outnumbered its requests two to one.)
         let floor = fresh.withLockedValue { $0.floor(of: target) }
-        var (found, complete) = try read(target, after: after, through: floor, limit: limit, maxBytes: maxBytes)
+        let (found, complete) = try read(target, after: after, through: floor, limit: limit, maxBytes: maxBytes)
         // Memory's part only after every delivery up to the floor (a read cut short by the limit
         // or the bytes must not be followed by later ones: the lane's cursor would pass those it
         // left out). A floor raised meanwhile (another eviction) leaves memory's part to the next read.
