@@ -47,8 +47,9 @@ public struct CommonOptions: ParsableArguments, Sendable {
         }
     }
 
-    /// Sets up logging and the run directory; returns the process logger.
+    /// Sets up malloc, logging and the run directory; returns the process logger.
     public func start(process: String) throws -> Logger {
+        MallocTuning.apply()
         SluiceLogging.bootstrap(process: process, level: logLevel, format: logFormat)
         let logger = Logger(label: process)
         try RunDirectory.prepare(runDir)
