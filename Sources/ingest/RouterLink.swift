@@ -104,8 +104,11 @@ final class RouterLink: FrameConnectionHandler {
 
     /// The link's window over all destinations, in batch bytes, kept like a lane's: halved (to no
     /// less than `minimum`) when the router refuses for lack of room — once per burst —, then grown
-    /// by an eighth for each window's worth of bytes acked, up to `maximum` (`totalWindowBytes`,
-    /// the router's backlog bound). The lanes' windows alone let 50 destinations hold up to
+    /// by an eighth for each window's worth of bytes acked, up to `maximum` (`totalWindowBytes`:
+    /// 6 MB, under the router's backlog bound of 8 MB; what is in flight is held in ingest's memory
+    /// too, in buffers up to twice the batch's size — with 8 MB ingest's peak RSS at max with
+    /// batches for 50 tenants was ≈ 4 MB higher, throughput the same: docs/BENCHMARKS.md, session
+    /// 15). The lanes' windows alone let 50 destinations hold up to
     /// 50 × 64 batches in flight, many times what the router takes (8 MB of messages; per event
     /// a batch's messages take 2–3× its bytes), each destination probing on its own: per event
     /// with 50 tenants at max load the router refused 90–150 deliveries a second, each read back
@@ -212,7 +215,7 @@ final class RouterLink: FrameConnectionHandler {
     private let loop: EventLoop?
 
     init(
-        spool: Spool, tenants: Tenants, window: Int = 64, windowBytes: Int = 4 << 20, totalWindowBytes: Int = 8 << 20,
+        spool: Spool, tenants: Tenants, window: Int = 64, windowBytes: Int = 4 << 20, totalWindowBytes: Int = 6 << 20,
         loop: EventLoop? = nil, logger: Logger
     ) {
         self.spool = spool
