@@ -54,13 +54,18 @@ struct SpoolingSink: BatchSink {
 /// destination's deliveries go in order, at most `window` unfinished at a time and at most
 /// `windowBytes` of batch bytes (at least one), so a destination that is down holds only its own
 /// window and the others keep flowing, and what the router holds stays bounded per destination
-/// (64 × 11 KB ≈ 0.7 MB for typical batches: with 256 and no byte bound, 50 destinations in
+/// (128 × 11 KB ≈ 1.4 MB for typical batches: with 256 and no byte bound, 50 destinations in
 /// per-event mode took the router to 357 MB), and all destinations together share the link's
 /// window (`LinkWindow`), so what the router is sent stays near what it can hold. A delivery is forgotten
 /// only when the router reports that its destination has the batch (`ack`) or never will (a
 /// dead letter). After a reconnect (router or ingest restarted) everything unfinished is sent
 /// again: the router ignores what it is already working on, so only work a crashed router had not
 /// finished can reach a destination twice.
+///
+/// The window is what one destination can deliver per round trip: with 64, one tenant sending
+/// batches at max load delivered 151–153k events/s of the ≈ 190k ingest accepted (the rest piled
+/// up in the spool and were read back); with 128, 202–206k, and ingest's CPU per request 30%
+/// lower (docs/BENCHMARKS.md, session 15).
 final class RouterLink: FrameConnectionHandler {
     private struct Lane {
         var inFlight: Set<Int64> = []
@@ -215,7 +220,7 @@ final class RouterLink: FrameConnectionHandler {
     private let loop: EventLoop?
 
     init(
-        spool: Spool, tenants: Tenants, window: Int = 64, windowBytes: Int = 4 << 20, totalWindowBytes: Int = 6 << 20,
+        spool: Spool, tenants: Tenants, window: Int = 128, windowBytes: Int = 4 << 20, totalWindowBytes: Int = 6 << 20,
         loop: EventLoop? = nil, logger: Logger
     ) {
         self.spool = spool
