@@ -114,7 +114,7 @@ final class RouterLink: FrameConnectionHandler {
     /// too, in buffers up to twice the batch's size — with 8 MB ingest's peak RSS at max with
     /// batches for 50 tenants was ≈ 4 MB higher, throughput the same: docs/BENCHMARKS.md, session
     /// 15). The lanes' windows alone let 50 destinations hold up to
-    /// 50 × 64 batches in flight, many times what the router takes (8 MB of messages; per event
+    /// 50 × 128 batches in flight, many times what the router takes (8 MB of messages; per event
     /// a batch's messages take 2–3× its bytes), each destination probing on its own: per event
     /// with 50 tenants at max load the router refused 90–150 deliveries a second, each read back
     /// from the spool and sent again, and ingest's peak RSS was 58–97 MB (docs/BENCHMARKS.md,
