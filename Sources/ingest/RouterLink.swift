@@ -119,10 +119,18 @@ final class RouterLink: FrameConnectionHandler {
     /// with 50 tenants at max load the router refused 90–150 deliveries a second, each read back
     /// from the spool and sent again, and ingest's peak RSS was 58–97 MB (docs/BENCHMARKS.md,
     /// session 11).
+    ///
+    /// Near the size it was refused at it grows by a sixty-fourth instead (as CUBIC slows near its
+    /// last maximum): per event with 50 tenants the router holds less than 6 MB of batches (their
+    /// messages take 2–3× their bytes), and growing by an eighth up to the refusal and past it made
+    /// the link refused several times a second — each refusal pausing a destination and sending its
+    /// refused deliveries again, read back from the spool.
     struct LinkWindow {
         let maximum: Int
         let minimum: Int
         private(set) var bytes: Int
+        /// The window when the router last refused.
+        private var ceiling: Int
         private var acked = 0
         private var cutAt: ContinuousClock.Instant?
 
@@ -130,11 +138,13 @@ final class RouterLink: FrameConnectionHandler {
             self.maximum = maximum
             minimum = max(1, min(1 << 20, maximum / 8))
             bytes = maximum
+            ceiling = maximum
         }
 
         mutating func refused(at now: ContinuousClock.Instant, pause: Duration) {
             guard cutAt.map({ now - $0 >= pause }) ?? true else { return }
             cutAt = now
+            ceiling = bytes
             bytes = max(minimum, bytes / 2)
             acked = 0
         }
@@ -143,7 +153,8 @@ final class RouterLink: FrameConnectionHandler {
             guard bytes < maximum else { return }
             acked += count
             if acked >= bytes {
-                bytes = min(maximum, bytes + max(1, bytes / 8))
+                let step = bytes < ceiling - ceiling / 8 ? bytes / 8 : bytes / 64
+                bytes = min(maximum, bytes + max(1, step))
                 acked = 0
             }
         }

@@ -156,6 +156,32 @@ final class RouterLinkTests: SpoolTestCase {
         XCTAssertEqual(link.inFlight, 5)
     }
 
+    /// After a refusal the link's window grows back fast while well below the size it was refused
+    /// at, then slowly near it (and past it, should the router take more now).
+    func testTheLinksWindowGrowsSlowlyNearWhereItWasRefused() {
+        var w = RouterLink.LinkWindow(maximum: 64_000)
+        func growth(_ count: Int) -> [Int] {
+            (0..<count).map { _ in
+                let before = w.bytes
+                w.acked(before)
+                return w.bytes - before
+            }
+        }
+        let now = ContinuousClock.now
+        w.refused(at: now, pause: .seconds(1))
+        XCTAssertEqual(w.bytes, 32_000)
+        XCTAssertEqual(growth(6), [4_000, 4_500, 5_062, 5_695, 6_407, 901], "an eighth below 56,000, then a sixty-fourth")
+        for _ in 0..<20 where w.bytes < 64_000 { w.acked(w.bytes) }
+        XCTAssertEqual(w.bytes, 64_000, "back to the maximum in the end")
+        // Refused at a smaller size: growth slows earlier (7/8 of 32,000).
+        w.refused(at: now + .seconds(10), pause: .seconds(1))
+        w.refused(at: now + .milliseconds(10_500), pause: .seconds(1))
+        XCTAssertEqual(w.bytes, 32_000, "the same burst: one cut")
+        w.refused(at: now + .seconds(20), pause: .seconds(1))
+        XCTAssertEqual(w.bytes, 16_000)
+        XCTAssertEqual(growth(6), [2_000, 2_250, 2_531, 2_847, 3_203, 450])
+    }
+
     /// Every batch reaches every one of its destinations once, in order, while the memory for
     /// just-spooled deliveries is too small to hold them (read back from the spool, cut by the
     /// link's byte window) and the router refuses now and then (it then refuses everything after
