@@ -46,6 +46,20 @@ struct FreshDeliveries {
     /// The storage held, as counted against `maxBytes`.
     var heldBytes: Int { bytes }
 
+    /// The storage held for `target`.
+    func heldBytes(of target: DeliveryTarget) -> Int { lanes[target]?.bytes ?? 0 }
+
+    /// The storage held for every destination but `excluded`, and how many of them hold some.
+    func heldBytes(excluding excluded: Set<DeliveryTarget>) -> (bytes: Int, destinations: Int) {
+        var total = 0
+        var count = 0
+        for (target, lane) in lanes where lane.bytes > 0 && !excluded.contains(target) {
+            total += lane.bytes
+            count += 1
+        }
+        return (total, count)
+    }
+
     /// A delivery whose insert has committed (in id order).
     mutating func inserted(_ delivery: SpooledDelivery) {
         if delivery.id != lastInserted + 1 {

@@ -51,7 +51,8 @@ struct Serve: AsyncParsableCommand {
         // request, its spool append's completion and the frames it causes wake no other thread
         // but the spool's writer.
         let executor = EventLoopTaskExecutor(MultiThreadedEventLoopGroup.singleton.next())
-        let link = RouterLink(spool: spool, tenants: tenants, loop: executor.loop, logger: logger)
+        let link = RouterLink(
+            spool: spool, tenants: tenants, maxHold: .milliseconds(config.ingest.maxAnswerHoldMs), loop: executor.loop, logger: logger)
         let metrics = IngestMetrics.shared
         Metrics.onScrape {
             metrics.spoolBytes.set(Double(spool.usedBytes))

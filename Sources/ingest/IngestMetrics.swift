@@ -33,6 +33,11 @@ struct IngestMetrics: Sendable {
         "sluice_ingest_deliveries_sent_total", "Deliveries (a batch for one destination) sent to the router, resends included.")
     let routerRefusals = Metrics.counter(
         "sluice_ingest_router_refusals_total", "Deliveries the router could not take (its backlog was full): sent again later.")
+    let answersHeld = Metrics.counter(
+        "sluice_ingest_answers_held_total",
+        "Stored requests whose 202 waited for their destinations to catch up (ingest.max_answer_hold_ms).")
+    let answersHeldTooLong = Metrics.counter(
+        "sluice_ingest_answers_held_too_long_total", "Held 202s sent after ingest.max_answer_hold_ms, their destinations still behind.")
     let routerConnected = Metrics.gauge("sluice_ingest_router_connected", "1 when the router connection is up.")
     let ready = Metrics.gauge("sluice_ingest_ready", "1 when /readyz says ready.")
 

@@ -38,8 +38,9 @@ struct SpoolingSink: BatchSink {
         spool.append(tenant: tenant, destinations: destinations, batches: batches) { [link, logger] result in
             switch result {
             case .success:
-                link.pump(destinations.map { DeliveryTarget(tenant: tenant, destination: $0) })
-                completion(.accepted)
+                let targets = destinations.map { DeliveryTarget(tenant: tenant, destination: $0) }
+                link.pump(targets)
+                link.gate.answer(for: targets) { completion(.accepted) }
             case .failure(Spool.Failure.full):
                 completion(.full(retryAfter: 5))
             case .failure(let error):
@@ -82,6 +83,8 @@ final class RouterLink: FrameConnectionHandler {
         /// 65–115 MB.
         var window: Int
         var acked = 0
+        /// When the router last answered one of this destination's deliveries with an ack.
+        var lastAck: ContinuousClock.Instant?
         /// When the window was last cut: the refusals of what was in flight then (the router
         /// refuses everything after a refused delivery until it comes again) arrive within the
         /// pause that follows, and count as one.
@@ -229,10 +232,16 @@ final class RouterLink: FrameConnectionHandler {
     /// full passes (which read it for every lane), and the lanes that are below their in-memory
     /// floor (after a refusal, a reconnect or an eviction), are handed to the pump's queue.
     private let loop: EventLoop?
+    /// Holds the answers of requests whose destinations fall behind (see `IntakeGate`).
+    let gate: IntakeGate
+    /// The memory's bytes for flowing destinations above which their requests' answers wait.
+    private let holdBytes: Int
 
+    /// `maxHold`: how long a request's answer may wait while its destinations are behind (zero:
+    /// never held).
     init(
         spool: Spool, tenants: Tenants, window: Int = 128, windowBytes: Int = 4 << 20, totalWindowBytes: Int = 6 << 20,
-        loop: EventLoop? = nil, logger: Logger
+        maxHold: Duration = .milliseconds(200), loop: EventLoop? = nil, logger: Logger
     ) {
         self.spool = spool
         self.tenants = tenants
@@ -241,7 +250,54 @@ final class RouterLink: FrameConnectionHandler {
         state = NIOLockedValueBox(State(link: LinkWindow(maximum: totalWindowBytes)))
         self.loop = loop
         self.logger = logger
+        holdBytes = spool.freshCapacity / 2
+        let relay = WeakRelay<RouterLink>()
+        gate = IntakeGate(
+            maxHold: maxHold, behind: { relay.target?.behind() },
+            schedule: { delay, body in
+                let nanoseconds = Int64(delay / .nanoseconds(1))
+                if let loop {
+                    loop.scheduleTask(in: .nanoseconds(nanoseconds)) { body() }
+                } else {
+                    DispatchQueue.global().asyncAfter(deadline: .now() + .nanoseconds(Int(nanoseconds)), execute: body)
+                }
+            })
+        relay.target = self
     }
+
+    /// Which requests must wait for their answer (nil: none): while the router is connected and
+    /// ready and the feeder's memory holds more than `holdBytes` for destinations that flow, those
+    /// of a destination holding more than its share of that (`holdBytes` divided among the
+    /// flowing destinations that hold some) — a slow destination holds its own tenant's answers,
+    /// not everyone's. A destination does not flow while the router's refusal pauses it, or when
+    /// it has deliveries in flight and no ack for `stallAfter` (down, or its output gone): it
+    /// holds no one.
+    private func behind() -> (@Sendable ([DeliveryTarget]) -> Bool)? {
+        let limit = holdBytes
+        guard spool.freshBytes > limit else { return nil }
+        let stopped = state.withLockedValue { s -> Set<DeliveryTarget>? in
+            guard s.peer != nil, s.outputsReady else { return nil }
+            let now = ContinuousClock.now
+            var stopped = Set<DeliveryTarget>()
+            for (target, lane) in s.lanes {
+                if let until = lane.pausedUntil, until > now {
+                    stopped.insert(target)
+                } else if !lane.inFlight.isEmpty, lane.lastAck.map({ now - $0 > Self.stallAfter }) ?? true {
+                    stopped.insert(target)
+                }
+            }
+            return stopped
+        }
+        guard let stopped else { return nil }
+        let (bytes, destinations) = spool.freshBytes(excluding: stopped)
+        guard bytes > limit else { return nil }
+        let share = limit / max(1, destinations)
+        return { [spool] targets in targets.contains { !stopped.contains($0) && spool.freshBytes(of: $0) > share } }
+    }
+
+    /// How long a destination with deliveries in flight may go without an ack before it no longer
+    /// counts as flowing (see `behind`).
+    static let stallAfter = Duration.seconds(1)
 
     var isConnected: Bool { state.withLockedValue { $0.peer != nil } }
     var outputsReady: Bool { state.withLockedValue { $0.peer != nil && $0.outputsReady } }
@@ -260,6 +316,7 @@ final class RouterLink: FrameConnectionHandler {
             s.reset(peer: nil)
             s.outputsReady = false
         }
+        gate.release()
     }
 
     func received(_ frame: Frame, from peer: FramePeer) async throws {
@@ -292,6 +349,7 @@ final class RouterLink: FrameConnectionHandler {
                     return (target, starved)
                 }
                 if let refused {
+                    gate.release()  // a paused destination holds no one's answers
                     if !refused.starved.isEmpty { pump(Array(refused.starved)) }
                     Task {
                         try? await Task.sleep(for: RouterLink.refusalPause + .milliseconds(10))
@@ -306,6 +364,7 @@ final class RouterLink: FrameConnectionHandler {
         case .outputs:
             let ready = frame.payload.flatMap { try? JSONValue.parse($0)["ready"] } == .bool(true)
             state.withLockedValue { $0.outputsReady = ready }
+            if !ready { gate.release() }
         case .error:
             logger.warning("router reported an error", metadata: ["error.code": "\(frame.code ?? "")", "error": "\(frame.message ?? "")"])
         default:
@@ -319,6 +378,7 @@ final class RouterLink: FrameConnectionHandler {
             guard let (target, landed, bytes, starved) = s.land(id) else { return [] }
             var lane = landed
             lane.grow(upTo: window)
+            lane.lastAck = .now
             s.link.acked(bytes)
             s.lanes[target] = lane
             return [target] + starved
@@ -466,6 +526,7 @@ final class RouterLink: FrameConnectionHandler {
                     logger.error("cannot read the spool", metadata: ["error": "\(error)"])
                 }
             }
+            if !lookAgain.isEmpty { gate.release() }
             let again = state.withLockedValue { s -> Bool in
                 s.dirty.formUnion(lookAgain)
                 if needRead { s.readPump = true }

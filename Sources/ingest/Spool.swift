@@ -461,8 +461,19 @@ final class Spool: Sendable {
         fresh.withLockedValue { $0.sent(target, upTo: id) }
     }
 
-    /// Bytes of batches held in memory for the pump (for tests).
+    /// Bytes of batches held in memory for the pump.
     var freshBytes: Int { fresh.withLockedValue { $0.heldBytes } }
+
+    /// Bytes held in memory for `target` (see `FreshDeliveries.heldBytes(of:)`).
+    func freshBytes(of target: DeliveryTarget) -> Int { fresh.withLockedValue { $0.heldBytes(of: target) } }
+
+    /// Bytes held in memory for every destination but `excluded`, and how many of them hold some.
+    func freshBytes(excluding excluded: Set<DeliveryTarget>) -> (bytes: Int, destinations: Int) {
+        fresh.withLockedValue { $0.heldBytes(excluding: excluded) }
+    }
+
+    /// What the feeder's memory may hold (`freshMaxBytes`).
+    var freshCapacity: Int { fresh.withLockedValue { $0.maxBytes } }
 
     /// Payload log segments and their sizes, for tests.
     var segments: [Int64: Int64] { log.segments }

@@ -29,6 +29,8 @@ public struct IngestSettings: Sendable, Equatable {
     public var spoolMaxBytes = 1 << 30
     /// Batches kept waiting for one destination at most; beyond it the oldest are dead-lettered.
     public var maxBacklogPerDestination = 100_000
+    /// How long a stored request's 202 may wait while its destinations fall behind (0: never).
+    public var maxAnswerHoldMs = 200
     public init() {}
 }
 
@@ -182,7 +184,7 @@ extension SluiceConfig {
     static func parseIngest(_ node: ConfigNode) throws(ConfigError) -> IngestSettings {
         try node.checkKeys([
             "listen", "max_batch_bytes", "max_request_bytes", "max_batches_per_request", "spool_max_bytes",
-            "max_backlog_per_destination",
+            "max_backlog_per_destination", "max_answer_hold_ms",
         ])
         var s = IngestSettings()
         if let listen = try node.string("listen") {
@@ -199,6 +201,7 @@ extension SluiceConfig {
         s.spoolMaxBytes = try node.int("spool_max_bytes", range: (1 << 16)...(1 << 50)) ?? s.spoolMaxBytes
         s.maxBacklogPerDestination =
             try node.int("max_backlog_per_destination", range: 1...100_000_000) ?? s.maxBacklogPerDestination
+        s.maxAnswerHoldMs = try node.int("max_answer_hold_ms", range: 0...10_000) ?? s.maxAnswerHoldMs
         return s
     }
 
