@@ -10,11 +10,10 @@ import NIOConcurrencyHelpers
 /// and was read back from the spool later, and SQLite took every batch older than a second — CPU
 /// the router and kafka-out needed (docs/BENCHMARKS.md, session 16).
 ///
-/// What counts: the bytes the feeder's memory holds for destinations that are not paused. A
-/// destination the router refused pauses and its tenant's requests are answered at once: a
-/// destination that is down (or an output that is gone) never slows anyone — its backlog is
-/// what the spool is for. Nothing is held while the router is not connected or not ready.
-/// A request is held at most `maxHold`; then it is answered whatever the backlog.
+/// Who is behind is the feeder's call (`RouterLink.behind`): destinations that flow, holding
+/// more than their share of the memory's hold mark. A destination that does not flow (refused by
+/// the router, or stalled: down, its output gone) never slows anyone — its backlog is what the
+/// spool is for. A request is held at most `maxHold`; then it is answered whatever the backlog.
 final class IntakeGate: Sendable {
     /// Which requests are behind now: nil when none is (answer everything), else a test of a
     /// request's destinations.

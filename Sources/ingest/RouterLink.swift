@@ -234,14 +234,17 @@ final class RouterLink: FrameConnectionHandler {
     private let loop: EventLoop?
     /// Holds the answers of requests whose destinations fall behind (see `IntakeGate`).
     let gate: IntakeGate
-    /// The memory's bytes for flowing destinations above which their requests' answers wait.
+    /// The memory's bytes for flowing destinations above which their requests' answers wait:
+    /// by default 7/8 of it, near where it would evict (and the evicted be read back). At half of
+    /// it, batches with 50 tenants at max load were held while memory was a useful buffer, not a
+    /// cost: 10–13% fewer events delivered (docs/BENCHMARKS.md, session 16).
     private let holdBytes: Int
 
     /// `maxHold`: how long a request's answer may wait while its destinations are behind (zero:
-    /// never held).
+    /// never held); `holdBytes`: see the property (nil: 7/8 of the feeder's memory).
     init(
         spool: Spool, tenants: Tenants, window: Int = 128, windowBytes: Int = 4 << 20, totalWindowBytes: Int = 6 << 20,
-        maxHold: Duration = .milliseconds(200), loop: EventLoop? = nil, logger: Logger
+        maxHold: Duration = .milliseconds(200), holdBytes: Int? = nil, loop: EventLoop? = nil, logger: Logger
     ) {
         self.spool = spool
         self.tenants = tenants
@@ -250,7 +253,7 @@ final class RouterLink: FrameConnectionHandler {
         state = NIOLockedValueBox(State(link: LinkWindow(maximum: totalWindowBytes)))
         self.loop = loop
         self.logger = logger
-        holdBytes = spool.freshCapacity / 2
+        self.holdBytes = holdBytes ?? spool.freshCapacity / 8 * 7
         let relay = WeakRelay<RouterLink>()
         gate = IntakeGate(
             maxHold: maxHold, behind: { relay.target?.behind() },

@@ -97,7 +97,8 @@ final class IntakeGateTests: SpoolTestCase {
                 }.joined())
         let tenants = Tenants(config)
         let spool = try Spool(directory: dir, maxBytes: 1 << 24, freshMaxBytes: freshMaxBytes)
-        let link = RouterLink(spool: spool, tenants: tenants, window: window, maxHold: maxHold, logger: Logger(label: "test"))
+        let link = RouterLink(
+            spool: spool, tenants: tenants, window: window, maxHold: maxHold, holdBytes: freshMaxBytes / 2, logger: Logger(label: "test"))
         return (SpoolingSink(spool: spool, link: link, tenants: tenants, logger: Logger(label: "test")), link)
     }
 
@@ -135,24 +136,31 @@ final class IntakeGateTests: SpoolTestCase {
         for frame in sent { try await link.received(.ack(frame.id), from: peer) }
     }
 
-    /// While the router is connected and ready, a tenant whose destination flows but has more
-    /// waiting in the feeder's memory than half of it waits for its answers (the batches are
-    /// stored all the same); as the router takes them, the answers come. Another tenant is
-    /// answered at once.
-    func testAnswersWaitWhileTheirDestinationFallsBehindAndAcksReleaseThem() async throws {
-        let (sink, link) = try makeSink(tenants: ["a", "b"], window: 2, freshMaxBytes: 16_000)
+    /// Tenant a's destination flowing (one batch acked), then `count` more submitted: every one
+    /// stored, some of the answers held.
+    func heldBehind(
+        tenants: [String] = ["a"], window: Int, freshMaxBytes: Int, maxHold: Duration = .seconds(30), count: Int
+    ) async throws -> (SpoolingSink, RouterLink, FramePeer, [NIOLockedValueBox<[SubmitOutcome]>]) {
+        let (sink, link) = try makeSink(tenants: tenants, window: window, freshMaxBytes: freshMaxBytes, maxHold: maxHold)
         let peer = FramePeer()
         await link.connected(peer)
         try await ready(link, peer)
         try await flowing(sink, link, peer, tenant: "a")
-        var answers: [NIOLockedValueBox<[SubmitOutcome]>] = []
-        for _ in 0..<14 { answers.append(submit(sink, tenant: "a")) }
+        let answers = (0..<count).map { _ in submit(sink, tenant: "a") }
         func unanswered() -> Int { answers.filter { $0.withLockedValue { $0.isEmpty } }.count }
-        // Every batch stored: answered, or held.
         try await eventually { link.gate.heldCount > 0 && unanswered() == link.gate.heldCount }
-        let held = unanswered()
-        XCTAssertGreaterThan(held, 0, "a's destination is behind: its answers wait")
-        XCTAssertEqual(link.gate.heldCount, held)
+        XCTAssertGreaterThan(link.gate.heldCount, 0, "a's destination is behind: its answers wait")
+        XCTAssertEqual(link.gate.heldCount, unanswered(), "every other one answered")
+        return (sink, link, peer, answers)
+    }
+
+    /// While the router is connected and ready, a tenant whose destination flows but has more
+    /// waiting in the feeder's memory than `holdBytes` (half of it here) waits for its answers (the batches are
+    /// stored all the same); as the router takes them, the answers come. Another tenant is
+    /// answered at once.
+    func testAnswersWaitWhileTheirDestinationFallsBehindAndAcksReleaseThem() async throws {
+        let (sink, link, peer, answers) = try await heldBehind(tenants: ["a", "b"], window: 2, freshMaxBytes: 16_000, count: 14)
+        func unanswered() -> Int { answers.filter { $0.withLockedValue { $0.isEmpty } }.count }
         let other = submit(sink, tenant: "b")
         try await eventually { other.withLockedValue { !$0.isEmpty } }
         XCTAssertEqual(other.withLockedValue { $0 }, [.accepted], "b's destination is not behind")
@@ -197,16 +205,8 @@ final class IntakeGateTests: SpoolTestCase {
     /// A destination that stops answering (deliveries in flight, no ack for a second: down, or
     /// its output gone) no longer holds its tenant's answers.
     func testADestinationThatStopsAnsweringHoldsNoOne() async throws {
-        let (sink, link) = try makeSink(tenants: ["a"], window: 2, freshMaxBytes: 16_000)
-        let peer = FramePeer()
-        await link.connected(peer)
-        try await ready(link, peer)
-        try await flowing(sink, link, peer, tenant: "a")
-        var answers: [NIOLockedValueBox<[SubmitOutcome]>] = []
-        for _ in 0..<14 { answers.append(submit(sink, tenant: "a")) }
-        try await eventually { link.gate.heldCount > 0 }
+        let (sink, _, _, answers) = try await heldBehind(window: 2, freshMaxBytes: 16_000, count: 14)
         let start = ContinuousClock.now
-        XCTAssertGreaterThan(link.gate.heldCount, 0, "behind while it flows")
         try await eventually { answers.allSatisfy { $0.withLockedValue { !$0.isEmpty } } }
         XCTAssertTrue(answers.allSatisfy { $0.withLockedValue { $0 } == [.accepted] })
         XCTAssertLessThan(ContinuousClock.now - start, .seconds(3), "released once it stalled, long before the 30 s hold")
@@ -217,15 +217,7 @@ final class IntakeGateTests: SpoolTestCase {
 
     /// A request is not held longer than `maxHold` through the sink either.
     func testTheSinkAnswersAfterTheLongestHold() async throws {
-        let (sink, link) = try makeSink(tenants: ["a"], window: 1, freshMaxBytes: 8_000, maxHold: .milliseconds(150))
-        let peer = FramePeer()
-        await link.connected(peer)
-        try await ready(link, peer)
-        try await flowing(sink, link, peer, tenant: "a")
-        var answers: [NIOLockedValueBox<[SubmitOutcome]>] = []
-        for _ in 0..<10 { answers.append(submit(sink, tenant: "a")) }
-        try await eventually { link.gate.heldCount > 0 }
-        XCTAssertGreaterThan(link.gate.heldCount, 0)
+        let (_, _, _, answers) = try await heldBehind(window: 1, freshMaxBytes: 8_000, maxHold: .milliseconds(150), count: 10)
         let start = ContinuousClock.now
         try await eventually { answers.allSatisfy { $0.withLockedValue { !$0.isEmpty } } }
         XCTAssertTrue(answers.allSatisfy { $0.withLockedValue { $0 } == [.accepted] }, "answered once held long enough, no ack needed")
