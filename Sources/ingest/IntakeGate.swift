@@ -8,7 +8,9 @@ import NIOConcurrencyHelpers
 /// Why: at max load ingest took requests faster than the outputs delivered (per event with 1
 /// tenant: 157k events/s accepted, 129k delivered); the surplus overflowed the feeder's memory
 /// and was read back from the spool later, and SQLite took every batch older than a second — CPU
-/// the router and kafka-out needed (docs/BENCHMARKS.md, session 16).
+/// the router and kafka-out needed (docs/BENCHMARKS.md, session 16). Off unless
+/// `ingest.max_answer_hold_ms` is set: with 50 tenants the holds cost 7–26% of the events delivered
+/// at max load (the requests in flight cut where memory was only a buffer).
 ///
 /// Who is behind is the feeder's call (`RouterLink.behind`): destinations that flow, holding
 /// more than their share of the memory's hold mark. A destination that does not flow (refused by

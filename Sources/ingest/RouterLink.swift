@@ -244,7 +244,7 @@ final class RouterLink: FrameConnectionHandler {
     /// never held); `holdBytes`: see the property (nil: 7/8 of the feeder's memory).
     init(
         spool: Spool, tenants: Tenants, window: Int = 128, windowBytes: Int = 4 << 20, totalWindowBytes: Int = 6 << 20,
-        maxHold: Duration = .milliseconds(200), holdBytes: Int? = nil, loop: EventLoop? = nil, logger: Logger
+        maxHold: Duration = .zero, holdBytes: Int? = nil, loop: EventLoop? = nil, logger: Logger
     ) {
         self.spool = spool
         self.tenants = tenants

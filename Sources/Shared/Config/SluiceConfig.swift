@@ -29,8 +29,9 @@ public struct IngestSettings: Sendable, Equatable {
     public var spoolMaxBytes = 1 << 30
     /// Batches kept waiting for one destination at most; beyond it the oldest are dead-lettered.
     public var maxBacklogPerDestination = 100_000
-    /// How long a stored request's 202 may wait while its destinations fall behind (0: never).
-    public var maxAnswerHoldMs = 200
+    /// How long a stored request's 202 may wait while its destinations fall behind (0: never, the
+    /// default: see README "Overload").
+    public var maxAnswerHoldMs = 0
     public init() {}
 }
 
