@@ -64,7 +64,8 @@ final class IntakeGate: Sendable {
     /// Answers the held requests that are no longer behind (called when the backlog shrank:
     /// deliveries sent, a destination paused, the router gone).
     func release() {
-        guard state.withLockedValue({ !$0.held.isEmpty }) else { return }
+        // (Called on every pass of the feeder: nothing to do, and no lock, when holding is off.)
+        guard maxHold > .zero, state.withLockedValue({ !$0.held.isEmpty }) else { return }
         let test = behind()
         let due = state.withLockedValue { s -> [Held] in
             guard let test else {
