@@ -157,6 +157,24 @@ def free_port():
         return s.getsockname()[1]
 
 
+INGEST_COUNTERS = {"sluice_ingest_router_refusals_total": "refused", "sluice_ingest_spool_read_back_total": "read_back"}
+
+
+def ingest_counters(url):
+    """Ingest's churn counters (router refusals, deliveries read back from the spool), or {}."""
+    try:
+        with urllib.request.urlopen(url + "/metrics", timeout=5) as f:
+            text = f.read().decode()
+    except OSError:
+        return {}
+    found = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in INGEST_COUNTERS:
+            found[INGEST_COUNTERS[name]] = float(value)
+    return found
+
+
 def wait_http(url, timeout, procs):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -214,6 +232,7 @@ class Mode:
             p.reset_peak()
         cpu0 = {p.name: p.cpu() for p in procs}
         child0 = child_cpu()
+        counters0 = ingest_counters(url) if system == "sluice" else {}
         argv = ["wrk", "-t", str(o.wrk_threads), "-c", str(o.connections), "-d", f"{seconds}s", "--timeout", "30s",
                 "-s", str(HERE / "load.lua"), url + "/v2/events", "--",
                 str(self.templates), str(self.creds_file), f"{rate:.3f}", str(o.wrk_threads)]
@@ -241,10 +260,14 @@ class Mode:
             "cpu": {p.name: (p.cpu() - cpu0[p.name], p.peak_mb()) for p in procs},
         }
         r["cpu"]["wrk"] = (wrk_cpu, None)
+        if counters0:
+            after = ingest_counters(url)
+            r["ingest"] = {k: (after.get(k, 0) - v) / (dur + drain) for k, v in counters0.items()}
         if delivered < expected - slack:
             say(f"warning: {system} {load}: {delivered} of {expected:.0f} expected messages arrived")
         say(f"{self.name} {system} {load}: accepted {r['accepted_eps']:,.0f} ev/s, delivered {r['delivered_eps']:,.0f} "
-            f"ev/s (drain {drain:.1f} s), p99 {r['p99']:.1f} ms, not 202: {r['not_202']}")
+            f"ev/s (drain {drain:.1f} s), p99 {r['p99']:.1f} ms, not 202: {r['not_202']}"
+            + "".join(f", {k.replace('_', ' ')} {v:,.0f}/s" for k, v in r.get("ingest", {}).items()))
         if record:
             self.results.append(r)
         return r
@@ -443,6 +466,9 @@ def mode_report(m):
         if s and p and p["delivered_eps"]:
             ratios.append(f"Sluice ÷ {LABELS[peer]}: delivered events/s {s['delivered_eps'] / p['delivered_eps']:.2f}× "
                           f"(goal ≥ 3×, bar ≥ 2×)")
+    if s and s.get("ingest"):
+        ratios.append("Sluice at max, ingest's churn: " + ", ".join(
+            f"{k.replace('_', ' ')} {v:,.0f} deliveries/s" for k, v in s["ingest"].items()))
     half = by.get(("sluice", "50%"))
     if half:
         ratios.append(f"Sluice p99 at 50% load: {half['p99']:.2f} ms (target ≤ 10 ms)")

@@ -369,3 +369,51 @@ extension SpoolTests {
         XCTAssertEqual(try spool.pending(a, after: all[1].id, limit: 10, fromMemory: true), Array(all[2...]))
     }
 }
+
+extension SpoolTests {
+    /// Reads back from SQLite take rows ahead of what one read needs (`Spool.readAheadRows`): in
+    /// any order of appends, completions, applies and reads from anywhere, a read answers what the
+    /// spool holds — nothing finished, nothing new missed.
+    func testReadsFromSQLiteAnswerWhatTheSpoolHoldsWhateverHappensBetween() async throws {
+        let spool = try Spool(directory: dir, maxBytes: 8 << 20, applyAfter: .seconds(3600), freshMaxBytes: 0)
+        var seed: UInt64 = 7  // a linear congruential sequence: the same on every run
+        func roll(_ n: Int) -> Int {
+            seed = seed &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
+            return Int(seed >> 33) % n
+        }
+        var unfinished: [String] = []  // the model: a's payloads not finished, in order
+        var ids: [String: Int64] = [:]  // learned from reads
+        var next = 0
+        for step in 0..<400 {
+            switch roll(20) {
+            case 0..<6:
+                var batches: [ValidatedBatch] = []
+                for _ in 0...roll(3) {
+                    batches.append(batch("{\"n\":\(next)}"))
+                    unfinished.append("{\"n\":\(next)}")
+                    next += 1
+                }
+                _ = try await spool.append(tenant: "acme", destinations: ["a", "b"], batches: batches)
+            case 6..<10:
+                let known = unfinished.filter { ids[$0] != nil }
+                guard !known.isEmpty else { continue }
+                let done = known[roll(known.count)]
+                spool.complete(delivery: ids[done]!)
+                unfinished.removeAll { $0 == done }
+                try await waitFor { spool.backlog(of: a) == unfinished.count }
+            case 10..<12:
+                try spool.flush()  // everything to SQLite
+            default:
+                let starts = [nil] + unfinished.suffix(40).filter { ids[$0] != nil }.map(Optional.some)
+                let from = starts[roll(starts.count)]
+                let after = from.flatMap { ids[$0] } ?? 0
+                let limit = 1 + roll(6)
+                let found = try spool.pending(a, after: after, limit: limit)
+                let expected = from.flatMap { f in unfinished.firstIndex(of: f).map { unfinished[($0 + 1)...] } } ?? unfinished[...]
+                XCTAssertEqual(found.map { String(buffer: $0.payload) }, Array(expected.prefix(limit)), "step \(step)")
+                for d in found { ids[String(buffer: d.payload)] = d.id }
+            }
+        }
+        XCTAssertGreaterThan(spool.readBack.withLockedValue { $0 }, 100)
+    }
+}
