@@ -325,6 +325,7 @@ actor RouterCore {
         var dead: [JSONValue] = []
         for route in targets {
             var messages: [ByteBuffer] = []
+            var packedMessages: ByteBuffer?
             var topics: [String] = []
             var eventIDs: [String] = []
             let id = RouteID(tenant: tenant, destination: route.destination.name)
@@ -380,6 +381,7 @@ actor RouterCore {
                 }
                 messages = output.messages
                 eventIDs = output.eventIDs
+                packedMessages = output.packed
             }
             // One work item (one frame) per destination, cut where the messages exceed 1 MB.
             var group: [Message] = []
@@ -387,7 +389,10 @@ actor RouterCore {
             func close() {
                 guard !group.isEmpty else { return }
                 var packed: (payload: ByteBuffer, parts: [Frame.Part])?
-                if group.count > 1 {
+                if group.count > 1, group.count == messages.count, let all = packedMessages {
+                    // All of them, already one array (the splice's): the frame's payload as it is.
+                    packed = (all, group.map { Frame.Part(bytes: $0.payload.readableBytes, topic: $0.topic, eventID: $0.eventID) })
+                } else if group.count > 1 {
                     // Packed once; the messages are kept as slices of the frame's payload.
                     let (payload, parts) = Frame.pack(group.map { ($0.payload, $0.topic, $0.eventID) })
                     for (i, slice) in Frame.slices(of: payload, parts).enumerated() { group[i].payload = slice }

@@ -90,6 +90,16 @@ final class KafkaSpliceTests: XCTestCase {
             XCTAssertEqual(try JSONValue.parse(a), try JSONValue.parse(b), context, file: file, line: line)
         }
         XCTAssertEqual(spliced.eventIDs, reference.eventIDs, context, file: file, line: line)
+        if let packed = spliced.packed {
+            // Per event: the messages as one array, what a frame carries for them (each a slice of it).
+            var frame = Frame(type: .batch, id: 1)
+            frame.payload = packed
+            frame.parts = spliced.messages.map { Frame.Part(bytes: $0.readableBytes) }
+            XCTAssertEqual(try frame.messages().map(\.payload), spliced.messages, context, file: file, line: line)
+            XCTAssertEqual(try JSONValue.parse(packed), .array(try spliced.messages.map { try JSONValue.parse($0) }), file: file, line: line)
+        } else {
+            XCTAssert(settings.sendAsBatch || spliced.messages.count <= 1, context, file: file, line: line)
+        }
         XCTAssertEqual(spliced.unsupportedEvents, reference.unsupportedEvents, file: file, line: line)
         XCTAssertEqual(spliced.filteredEvents, reference.filteredEvents, file: file, line: line)
     }

@@ -68,6 +68,10 @@ public struct KafkaBatchOutput: Sendable {
     /// For one message per event: each message's event id (its `source_message_id`, or
     /// `index:N` for the event's position in the batch). Empty for one message per batch.
     public var eventIDs: [String] = []
+    /// For one message per event, from `splice`: the messages as one JSON array (`[m1,m2,…]`),
+    /// each message a slice of it — a frame's packed payload for all of them, as `Frame.pack`
+    /// would make it, without copying them again.
+    public var packed: ByteBuffer?
     /// Events dropped because their type is not one the integration forwards.
     public var unsupportedEvents = 0
     /// Events dropped by the settings (network performance, profile, attribute/identity change).

@@ -133,7 +133,9 @@ extension KafkaConnectionSettings {
             output.messages = [out]
         } else {
             // One message per event: the top level around each event, written once; all messages
-            // in one buffer, each a slice of it.
+            // in one buffer, each a slice of it, laid out as a JSON array of them (`packed`: the
+            // router sends it as the frame's payload; copying the messages into one cost 11% of
+            // its CPU per event).
             var before = ByteBuffer()
             var after = ByteBuffer()
             ObjectWriter(Array(top[..<eventsIndex!])).writeOpen(raw, into: &before, moreFollows: true)
@@ -142,21 +144,22 @@ extension KafkaConnectionSettings {
             after.writeStaticString("]")
             ObjectWriter(Array(top[(eventsIndex! + 1)...])).writeClose(raw, into: &after)
             var all = ByteBuffer()
-            all.reserveCapacity(events.count * (before.readableBytes + after.readableBytes) + raw.count + 256)
-            var ends: [Int] = []
-            ends.reserveCapacity(events.count)
-            for event in events {
+            all.reserveCapacity(events.count * (before.readableBytes + after.readableBytes + 1) + raw.count + 256)
+            all.writeInteger(UInt8(ascii: "["))
+            var ranges: [Range<Int>] = []
+            ranges.reserveCapacity(events.count)
+            for (i, event) in events.enumerated() {
+                if i > 0 { all.writeInteger(UInt8(ascii: ",")) }
+                let start = all.writerIndex
                 all.writeImmutableBuffer(before)
                 event.write(raw, into: &all)
                 all.writeImmutableBuffer(after)
-                ends.append(all.writerIndex)
+                ranges.append(start..<all.writerIndex)
             }
-            var start = 0
-            output.messages = ends.map { end in
-                defer { start = end }
-                return all.getSlice(at: start, length: end - start)!
-            }
+            all.writeInteger(UInt8(ascii: "]"))
+            output.messages = ranges.map { all.getSlice(at: $0.lowerBound, length: $0.count)! }
             output.eventIDs = eventIDs
+            output.packed = all
         }
         return output
     }
