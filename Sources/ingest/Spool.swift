@@ -366,13 +366,17 @@ final class Spool: Sendable {
         assert(MultiThreadedEventLoopGroup.currentEventLoop == nil, "a spool read on an event loop")
         // The unapplied first: an apply between the two reads moves them into SQLite, so they are
         // seen once or twice (kept once), never missed.
-        let (recent, bound, finished, inSQLite, generation) = unapplied.withLockedValue { u in
+        let (recent, recentCut, bound, finished, inSQLite, generation) = unapplied.withLockedValue { u in
             var found: [Candidate] = []
+            // Only as many as fit in `maxBytes` (those after cannot be chosen): at max load a read
+            // has room for a delivery or two, and taking `limit` of them cost more than the read.
+            var bytes = 0
+            var cut = false
             // Finished, and SQLite not told yet: not to be sent again.
             let finished = (u.applyingFinishes, u.finishing)
             // (An apply that moves some of `found` into SQLite counts them when it takes them out of memory.)
             let inSQLite = (u.stored[target] ?? 0) != 0
-            guard let ids = u.lanes[target] else { return (found, u.nextDeliveryID, finished, inSQLite, u.generation) }
+            guard let ids = u.lanes[target] else { return (found, cut, u.nextDeliveryID, finished, inSQLite, u.generation) }
             var low = 0
             var high = ids.count
             while low < high {
@@ -382,19 +386,24 @@ final class Spool: Sendable {
             for id in ids[low...] {
                 if id > through { break }
                 guard let batchID = u.batchOf[id], let b = u.batches[batchID] ?? u.applying?[batchID] else { continue }
+                if !found.isEmpty && bytes + b.payload.length > maxBytes {
+                    cut = true
+                    break
+                }
+                bytes += b.payload.length
                 found.append(Candidate(id: id, batchID: batchID, key: b.key, source: .log(b.payload)))
                 if found.count == limit { break }
             }
-            return (found, u.nextDeliveryID, finished, inSQLite, u.generation)
+            return (found, cut, u.nextDeliveryID, finished, inSQLite, u.generation)
         }
         // Under load nearly every read is of deliveries still only in the log: the query (a
         // reader transaction behind a queue hop) was ~10% of ingest's CPU at max per event with
         // 50 tenants.
         let rows = !inSQLite ? (found: [], complete: true) : try sqliteRows(
-            target, after: after, through: min(through, bound - 1), limit: limit, generation: generation)
+            target, after: after, through: min(through, bound - 1), bound: bound, limit: limit, generation: generation)
         // Ids handed out after the memory was read (a replay taken in meanwhile, in SQLite) may
         // come after ones handed out meanwhile and still only in the log: left to the next read.
-        var complete = rows.complete && through < bound && recent.count < limit
+        var complete = rows.complete && through < bound && recent.count < limit && !recentCut
         var candidates = rows.found.filter { !finished.0.contains($0.id) && !finished.1.contains($0.id) }
         // Both in id order (ids of replays taken in are above those of batches still only in the
         // log); an apply between the two reads may show one in both.
@@ -418,19 +427,20 @@ final class Spool: Sendable {
     }
 
     /// SQLite's unfinished deliveries of `target` with ids in (`after`, `through`], at most
-    /// `limit`, in id order; `complete`: no more in that range. Read `readAheadRows` at a time:
-    /// the rows beyond `limit` are kept (`ReadAhead`) and the next read continues from them. At
-    /// max load the feeder reads back a delivery or two per answer from the router (the room
-    /// one ack made): a query each — a reader transaction behind a queue hop — was 9% of ingest's
-    /// CPU per event with 50 tenants.
+    /// `limit`, in id order; `complete`: no more in that range. `bound`: every id SQLite can hold
+    /// is below it (ids handed out later come from the log, or from replays, which an apply tells
+    /// the rows kept). Read `readAheadRows` at a time, the rows beyond `limit` kept (`ReadAhead`)
+    /// and the next read continues from them: at max load the feeder reads back a delivery or two
+    /// per answer from the router (the room one ack made), and a query each — a reader
+    /// transaction behind a queue hop — was 9% of ingest's CPU per event with 50 tenants.
     private func sqliteRows(
-        _ target: DeliveryTarget, after: Int64, through: Int64, limit: Int, generation: UInt64
+        _ target: DeliveryTarget, after: Int64, through: Int64, bound: Int64, limit: Int, generation: UInt64
     ) throws -> (found: [Candidate], complete: Bool) {
-        if let kept = readAhead.withLockedValue({ $0[target] }), kept.generation == generation,
-            let served = kept.rows(after: after, through: through, limit: limit)
-        {
-            return served
+        let served = readAhead.withLockedValue { all -> (found: [Candidate], complete: Bool)? in
+            guard all[target]?.generation == generation else { return nil }
+            return all[target]!.take(after: after, through: through, limit: limit)
         }
+        if let served { return served }
         let batch = max(limit, Self.readAheadRows)
         let found = try db.read { db in
             var found: [Candidate] = []
@@ -439,9 +449,9 @@ final class Spool: Sendable {
                     sql: """
                         SELECT d.id, d.batch_id, b.key, b.segment, b.segment_offset, b.length, b.payload
                         FROM deliveries d JOIN batches b ON b.id = d.batch_id
-                        WHERE d.tenant = ? AND d.destination = ? AND d.id > ? AND d.id <= ? ORDER BY d.id LIMIT ?
+                        WHERE d.tenant = ? AND d.destination = ? AND d.id > ? AND d.id < ? ORDER BY d.id LIMIT ?
                         """),
-                arguments: [target.tenant, target.destination, after, through, batch])
+                arguments: [target.tenant, target.destination, after, bound, batch])
             while let row = try rows.next() {
                 let source: Candidate.Source
                 if let segment: Int64 = row[3] {
@@ -453,11 +463,41 @@ final class Spool: Sendable {
             }
             return found
         }
-        let kept = ReadAhead(
-            generation: generation, after: after, through: found.count < batch ? through : found.last!.id, found: found)
+        // Fewer than asked for: every one SQLite holds (until an apply adds more, and tells).
+        var kept = ReadAhead(generation: generation, after: after, through: found.count < batch ? .max : found.last!.id, found: found)
+        let result = kept.take(after: after, through: through, limit: limit)!
         // (Not rows of an older spool, which carry their payloads.)
         if !found.contains(where: \.isInline) { readAhead.withLockedValue { $0[target] = kept } }
-        return kept.rows(after: after, through: through, limit: limit)!
+        return result
+    }
+
+    /// What an apply changed in SQLite, told to the rows read ahead (on the writer's thread, in
+    /// the apply's end, before any read sees its generation): the deliveries it finished leave
+    /// them, those it took from the log join them, and a replay (never one they cover: its id is
+    /// newer than any when they were read) ends what they cover before it. Dropping them all
+    /// instead made every lane query again after each apply (ten a second at max load), 128 rows
+    /// for the few it would send before the next.
+    private func updateReadAhead(for work: ApplyWork, _ result: ApplyResult, generation: UInt64) {
+        var inserted: [DeliveryTarget: [Candidate]] = [:]
+        for (batchID, b) in work.batches {
+            for d in b.deliveries {
+                inserted[DeliveryTarget(tenant: b.tenant, destination: d.destination), default: []].append(
+                    Candidate(id: d.id, batchID: batchID, key: b.key, source: .log(b.payload)))
+            }
+        }
+        var firstReplay: [DeliveryTarget: Int64] = [:]
+        for r in work.replays { firstReplay[r.delivery.target] = min(firstReplay[r.delivery.target] ?? r.delivery.id, r.delivery.id) }
+        var finished: [DeliveryTarget: Set<Int64>] = [:]
+        for d in result.finished { finished[d.target, default: []].insert(d.id) }
+        readAhead.withLockedValue { all in
+            // (One of an older generation was stale already: never to be made current.)
+            all = all.filter { $0.value.generation == generation &- 1 }
+            for target in all.keys {
+                all[target]!.update(
+                    removing: finished[target] ?? [], inserting: inserted[target] ?? [], firstReplay: firstReplay[target],
+                    generation: generation)
+            }
+        }
     }
 
     /// How many rows a read of SQLite takes (`sqliteRows`).
@@ -466,19 +506,40 @@ final class Spool: Sendable {
     /// Per destination, the rows its last read of SQLite took (`sqliteRows`).
     private let readAhead = NIOLockedValueBox<[DeliveryTarget: ReadAhead]>([:])
 
-    /// Every unfinished delivery SQLite held for one destination with an id in (`after`,
-    /// `through`] when it was read, in id order. True while SQLite's deliveries are unchanged:
-    /// they change only in an apply, and an apply that ended since (another `generation`) makes
-    /// it stale. (Those finished meanwhile are left out by the read, as it leaves out its query's.)
+    /// Every unfinished delivery SQLite holds for one destination with an id in (`after`,
+    /// `through`] (`.max`: every one), in id order, as of the apply `generation`: SQLite's
+    /// deliveries change only in an apply, and each one's end updates it (`update`). A read made
+    /// before an apply ended and kept after it carries the older generation and is not used.
+    /// (Those finished since the last apply are left out by the read, as it leaves out its
+    /// query's.)
     private struct ReadAhead {
         var generation: UInt64
         var after: Int64
         var through: Int64
         var found: [Candidate]
 
+        mutating func update(removing finished: Set<Int64>, inserting inserted: [Candidate], firstReplay: Int64?, generation: UInt64) {
+            if !finished.isEmpty { found.removeAll { finished.contains($0.id) } }
+            if let first = firstReplay, first <= through {
+                through = first - 1
+                found.removeAll { $0.id > through }
+            }
+            let known = Set(found.lazy.map(\.id))  // (a query made after the apply's commit has them)
+            let joining = inserted.filter { $0.id > after && $0.id <= through && !finished.contains($0.id) && !known.contains($0.id) }
+            if !joining.isEmpty {
+                found += joining
+                found.sort { $0.id < $1.id }
+            }
+            if found.count > Spool.readAheadRows * 2 {
+                found.removeLast(found.count - Spool.readAheadRows * 2)
+                through = found.last!.id
+            }
+            self.generation = generation
+        }
+
         /// Its rows in (`from`, `to`], at most `limit`, when it holds all of them or `limit`; nil
-        /// when it cannot tell.
-        func rows(after from: Int64, through to: Int64, limit: Int) -> (found: [Candidate], complete: Bool)? {
+        /// when it cannot tell. The rows up to `from` are dropped (the lane's cursor is past them).
+        mutating func take(after from: Int64, through to: Int64, limit: Int) -> (found: [Candidate], complete: Bool)? {
             guard from >= after else { return nil }
             var start = 0
             var high = found.count
@@ -486,8 +547,10 @@ final class Spool: Sendable {
                 let mid = (start + high) / 2
                 if found[mid].id <= from { start = mid + 1 } else { high = mid }
             }
+            found.removeFirst(start)
+            after = from
             var rows: [Candidate] = []
-            for row in found[start...] {
+            for row in found {
                 if row.id > to || rows.count == limit { break }
                 rows.append(row)
             }
@@ -1001,10 +1064,10 @@ final class Spool: Sendable {
             defer { u.deferred = [] }
             u.applying = nil
             u.applyingFinishes = []
-            u.generation &+= 1
-            readAhead.withLockedValue { $0.removeAll() }  // all of it stale now
             switch outcome {
             case .success(let result):
+                u.generation &+= 1
+                updateReadAhead(for: work, result, generation: u.generation)
                 for b in work.batches.values {
                     for d in b.deliveries {
                         u.batchOf[d.id] = nil
