@@ -438,6 +438,7 @@ final class Spool: Sendable {
     ) throws -> (found: [Candidate], complete: Bool) {
         let served = readAhead.withLockedValue { all -> (found: [Candidate], complete: Bool)? in
             guard all[target]?.generation == generation else { return nil }
+            all[target]!.usedAt = generation
             return all[target]!.take(after: after, through: through, limit: limit)
         }
         if let served { return served }
@@ -464,10 +465,17 @@ final class Spool: Sendable {
             return found
         }
         // Fewer than asked for: every one SQLite holds (until an apply adds more, and tells).
-        var kept = ReadAhead(generation: generation, after: after, through: found.count < batch ? .max : found.last!.id, found: found)
+        var kept = ReadAhead(
+            generation: generation, usedAt: generation, after: after, through: found.count < batch ? .max : found.last!.id,
+            found: found)
         let result = kept.take(after: after, through: through, limit: limit)!
         // (Not rows of an older spool, which carry their payloads.)
-        if !found.contains(where: \.isInline) { readAhead.withLockedValue { $0[target] = kept } }
+        if !found.contains(where: \.isInline) {
+            readAhead.withLockedValue { all in
+                kept.trim(to: Self.readAheadCap(destinations: all.count + (all[target] == nil ? 1 : 0)))
+                all[target] = kept
+            }
+        }
         return result
     }
 
@@ -478,11 +486,15 @@ final class Spool: Sendable {
     /// instead made every lane query again after each apply (ten a second at max load), 128 rows
     /// for the few it would send before the next.
     private func updateReadAhead(for work: ApplyWork, _ result: ApplyResult, generation: UInt64) {
+        // (Only for the destinations that keep rows: this runs on the writer's thread.)
+        let keeping = readAhead.withLockedValue { Set($0.keys) }
+        guard !keeping.isEmpty else { return }
         var inserted: [DeliveryTarget: [Candidate]] = [:]
         for (batchID, b) in work.batches {
             for d in b.deliveries {
-                inserted[DeliveryTarget(tenant: b.tenant, destination: d.destination), default: []].append(
-                    Candidate(id: d.id, batchID: batchID, key: b.key, source: .log(b.payload)))
+                let target = DeliveryTarget(tenant: b.tenant, destination: d.destination)
+                guard keeping.contains(target) else { continue }
+                inserted[target, default: []].append(Candidate(id: d.id, batchID: batchID, key: b.key, source: .log(b.payload)))
             }
         }
         var firstReplay: [DeliveryTarget: Int64] = [:]
@@ -490,18 +502,26 @@ final class Spool: Sendable {
         var finished: [DeliveryTarget: Set<Int64>] = [:]
         for d in result.finished { finished[d.target, default: []].insert(d.id) }
         readAhead.withLockedValue { all in
-            // (One of an older generation was stale already: never to be made current.)
-            all = all.filter { $0.value.generation == generation &- 1 }
+            // (One of an older generation was stale already, and one kept since the look above
+            // was not seen here: never to be made current. One no read used for ten applies — a
+            // second at most — goes: its lane reads from memory, or is idle.)
+            all = all.filter {
+                $0.value.generation == generation &- 1 && keeping.contains($0.key) && generation &- $0.value.usedAt <= 10
+            }
+            let cap = Self.readAheadCap(destinations: all.count)
             for target in all.keys {
                 all[target]!.update(
                     removing: finished[target] ?? [], inserting: inserted[target] ?? [], firstReplay: firstReplay[target],
-                    generation: generation)
+                    cap: cap, generation: generation)
             }
         }
     }
 
     /// How many rows a read of SQLite takes (`sqliteRows`).
     static let readAheadRows = 128
+    /// How many rows a destination keeps when `destinations` keep some: 256, fewer when many do
+    /// (all together ≈ 16k rows, ≈ 1 MB), at least 16.
+    static func readAheadCap(destinations: Int) -> Int { min(readAheadRows * 2, max(16, 16_384 / max(1, destinations))) }
 
     /// Per destination, the rows its last read of SQLite took (`sqliteRows`).
     private let readAhead = NIOLockedValueBox<[DeliveryTarget: ReadAhead]>([:])
@@ -514,11 +534,15 @@ final class Spool: Sendable {
     /// query's.)
     private struct ReadAhead {
         var generation: UInt64
+        /// The generation of the last read that took from it.
+        var usedAt: UInt64
         var after: Int64
         var through: Int64
         var found: [Candidate]
 
-        mutating func update(removing finished: Set<Int64>, inserting inserted: [Candidate], firstReplay: Int64?, generation: UInt64) {
+        mutating func update(
+            removing finished: Set<Int64>, inserting inserted: [Candidate], firstReplay: Int64?, cap: Int, generation: UInt64
+        ) {
             if !finished.isEmpty { found.removeAll { finished.contains($0.id) } }
             if let first = firstReplay, first <= through {
                 through = first - 1
@@ -530,11 +554,14 @@ final class Spool: Sendable {
                 found += joining
                 found.sort { $0.id < $1.id }
             }
-            if found.count > Spool.readAheadRows * 2 {
-                found.removeLast(found.count - Spool.readAheadRows * 2)
-                through = found.last!.id
-            }
+            trim(to: cap)
             self.generation = generation
+        }
+
+        mutating func trim(to cap: Int) {
+            guard found.count > cap else { return }
+            found.removeLast(found.count - cap)
+            through = found.last!.id
         }
 
         /// Its rows in (`from`, `to`], at most `limit`, when it holds all of them or `limit`; nil

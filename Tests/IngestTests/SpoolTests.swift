@@ -390,6 +390,17 @@ extension SpoolTests {
         XCTAssertGreaterThan(after.last?.id ?? 0, last[1].id, "a new id")
     }
 
+    /// The rows kept are bounded per destination and all together, whatever the number of
+    /// destinations reading back.
+    func testTheRowsReadAheadAreBounded() {
+        for n in [1, 10, 50, 64, 100, 1000, 100_000] {
+            let cap = Spool.readAheadCap(destinations: n)
+            XCTAssert((16...256).contains(cap), "\(n) destinations: \(cap)")
+            XCTAssert(n * cap <= max(16_384, 16 * n), "\(n) destinations keep \(n * cap) rows")
+            if n <= 100 { XCTAssertGreaterThanOrEqual(cap, Spool.readAheadRows, "a whole query kept with \(n)") }
+        }
+    }
+
     /// Reads back from SQLite take rows ahead of what one read needs (`Spool.readAheadRows`): in
     /// any order of appends, completions, applies and reads from anywhere, a read answers what the
     /// spool holds — nothing finished, nothing new missed.
