@@ -548,14 +548,37 @@ final class Spool: Sendable {
                 through = first - 1
                 found.removeAll { $0.id > through }
             }
-            let known = Set(found.lazy.map(\.id))  // (a query made after the apply's commit has them)
-            let joining = inserted.filter { $0.id > after && $0.id <= through && !finished.contains($0.id) && !known.contains($0.id) }
+            var joining = inserted.filter { $0.id > after && $0.id <= through && !finished.contains($0.id) }
             if !joining.isEmpty {
-                found += joining
-                found.sort { $0.id < $1.id }
+                joining.sort { $0.id < $1.id }
+                if found.last.map({ $0.id < joining[0].id }) ?? true {
+                    found += joining  // newer than all it holds: the usual case
+                } else {
+                    found = Self.merged(found, joining)
+                }
             }
             trim(to: cap)
             self.generation = generation
+        }
+
+        /// Two id-ordered lists as one, a row in both once (a query made after the apply's commit
+        /// saw what the apply tells).
+        static func merged(_ a: [Candidate], _ b: [Candidate]) -> [Candidate] {
+            var out: [Candidate] = []
+            out.reserveCapacity(a.count + b.count)
+            var i = 0
+            var j = 0
+            while i < a.count || j < b.count {
+                if j == b.count || (i < a.count && a[i].id < b[j].id) {
+                    out.append(a[i])
+                    i += 1
+                } else {
+                    if i < a.count && a[i].id == b[j].id { i += 1 }
+                    out.append(b[j])
+                    j += 1
+                }
+            }
+            return out
         }
 
         mutating func trim(to cap: Int) {
