@@ -377,13 +377,7 @@ final class Spool: Sendable {
             // (An apply that moves some of `found` into SQLite counts them when it takes them out of memory.)
             let inSQLite = (u.stored[target] ?? 0) != 0
             guard let ids = u.lanes[target] else { return (found, cut, u.nextDeliveryID, finished, inSQLite, u.generation) }
-            var low = 0
-            var high = ids.count
-            while low < high {
-                let mid = (low + high) / 2
-                if ids[mid] <= after { low = mid + 1 } else { high = mid }
-            }
-            for id in ids[low...] {
+            for id in ids[ids.countOfPrefix { $0 <= after }...] {
                 if id > through { break }
                 guard let batchID = u.batchOf[id], let b = u.batches[batchID] ?? u.applying?[batchID] else { continue }
                 if !found.isEmpty && bytes + b.payload.length > maxBytes {
@@ -591,13 +585,7 @@ final class Spool: Sendable {
         /// when it cannot tell. The rows up to `from` are dropped (the lane's cursor is past them).
         mutating func take(after from: Int64, through to: Int64, limit: Int) -> (found: [Candidate], complete: Bool)? {
             guard from >= after else { return nil }
-            var start = 0
-            var high = found.count
-            while start < high {
-                let mid = (start + high) / 2
-                if found[mid].id <= from { start = mid + 1 } else { high = mid }
-            }
-            found.removeFirst(start)
+            found.removeFirst(found.countOfPrefix { $0.id <= from })
             after = from
             var rows: [Candidate] = []
             for row in found {
@@ -1187,5 +1175,19 @@ final class Spool: Sendable {
 
     static func milliseconds(_ d: Duration) -> Int64 {
         d.components.seconds * 1000 + d.components.attoseconds / 1_000_000_000_000_000
+    }
+}
+
+extension Array {
+    /// How many elements lead the array while `isLow` holds, for an array ordered so that it
+    /// holds for a prefix only (a binary search).
+    func countOfPrefix(while isLow: (Element) -> Bool) -> Int {
+        var low = 0
+        var high = count
+        while low < high {
+            let mid = (low + high) / 2
+            if isLow(self[mid]) { low = mid + 1 } else { high = mid }
+        }
+        return low
     }
 }
