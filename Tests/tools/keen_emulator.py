@@ -494,6 +494,9 @@ class Handler(BaseHTTPRequestHandler):
         self.send_raw(status, body, "application/json", headers)
 
     def send_raw(self, status, body, content_type="application/json", headers=None):
+        # An API request is in the log before its answer leaves: a client that reads /_requests
+        # right after its answer finds it there.
+        self.record_request(status)
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -505,6 +508,17 @@ class Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
         self.last_status = status
+
+    def record_request(self, status):
+        entry, self.pending_entry = getattr(self, "pending_entry", None), None
+        if entry is None:
+            return
+        entry["status"] = status
+        st = self.state
+        with st.lock:
+            st.counters["requests"] += 1
+            st.requests.append(entry)
+            del st.requests[:-REQUEST_LOG_LIMIT]
 
     def send_error_json(self, err):
         self.send_json(err.status, {"message": err.message, "error_code": err.error_code}, err.headers)
@@ -585,6 +599,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def dispatch(self):
         self.last_status = None
+        self.pending_entry = None
         self.body_read = False
         url = urllib.parse.urlsplit(self.path)
         query = urllib.parse.parse_qs(url.query, keep_blank_values=True)
@@ -706,10 +721,10 @@ class Handler(BaseHTTPRequestHandler):
     # --- the Keen API -------------------------------------------------------
 
     def api(self, raw_path, query):
-        st = self.state
         parts = [urllib.parse.unquote(p) for p in raw_path.split("/")]
         # "", "3.0", "projects", project, kind, [collection]
         entry = {"time": time.time(), "method": self.command, "path": raw_path}
+        self.pending_entry = entry
         try:
             self._api(parts, query, entry)
         except KeenError as err:
@@ -717,11 +732,7 @@ class Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
             self.send_error_json(err)
         finally:
-            entry["status"] = self.last_status
-            with st.lock:
-                st.counters["requests"] += 1
-                st.requests.append(entry)
-                del st.requests[:-REQUEST_LOG_LIMIT]
+            self.record_request(self.last_status)  # no answer was sent (a dropped connection)
 
     def _api(self, parts, query, entry):
         st = self.state
