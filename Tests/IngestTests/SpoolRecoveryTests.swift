@@ -25,8 +25,13 @@ final class SpoolRecoveryTests: SpoolTestCase {
         XCTAssertGreaterThan(spool.segments.values.reduce(0, +), size)
     }
 
+    /// Reads the spool's SQLite file as another process would: a spool just dropped may still be
+    /// closing its connections (the last one checkpoints under a lock), so it waits as ingest's
+    /// own readers do.
     func sql<T: DatabaseValueConvertible>(_ query: String) throws -> T? {
-        try DatabaseQueue(path: dir + "/spool.sqlite").read { db in try T.fetchOne(db, sql: query) }
+        var configuration = Configuration()
+        configuration.busyMode = .timeout(10)
+        return try DatabaseQueue(path: dir + "/spool.sqlite", configuration: configuration).read { db in try T.fetchOne(db, sql: query) }
     }
 
     func segmentFiles() throws -> [String] {
