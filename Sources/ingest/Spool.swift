@@ -526,7 +526,7 @@ final class Spool: Sendable {
     /// before an apply ended and kept after it carries the older generation and is not used.
     /// (Those finished since the last apply are left out by the read, as it leaves out its
     /// query's.)
-    private struct ReadAhead {
+    struct ReadAhead {
         var generation: UInt64
         /// The generation of the last read that took from it.
         var usedAt: UInt64
@@ -598,7 +598,7 @@ final class Spool: Sendable {
     }
 
     /// A delivery `read` found, before its payload is read.
-    private struct Candidate {
+    struct Candidate {
         enum Source {
             case log(PayloadLocation)
             case inline(Data)

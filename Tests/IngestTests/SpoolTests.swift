@@ -401,6 +401,38 @@ extension SpoolTests {
         }
     }
 
+    /// An apply's end tells the rows read ahead what it changed. When a read's query ran after
+    /// the apply committed but before its end, the rows it took from the log are already among
+    /// them, interleaved: they merge in id order, each once; finished ones leave; a replay ends
+    /// what the rows cover before it; the cap drops the newest and narrows what they cover.
+    func testAnApplyTellsRowsReadAheadWhatChangedEvenWhenTheyAlreadySawIt() {
+        func row(_ id: Int64) -> Spool.Candidate {
+            .init(id: id, batchID: id * 10, key: "k\(id)", source: .log(PayloadLocation(segment: 1, offset: id * 100, length: 10)))
+        }
+        var kept = Spool.ReadAhead(generation: 1, usedAt: 1, after: 0, through: 100, found: [2, 5, 9, 40].map(row))
+        kept.update(removing: [5], inserting: [12, 3, 9, 150].map(row), firstReplay: nil, cap: 256, generation: 2)
+        XCTAssertEqual(kept.found.map(\.id), [2, 3, 9, 12, 40], "merged in order, 9 once, 5 gone, 150 beyond what they cover")
+        XCTAssertEqual(kept.found.map(\.batchID), [20, 30, 90, 120, 400])
+        XCTAssertEqual(kept.generation, 2)
+        XCTAssertEqual(kept.through, 100)
+
+        kept.update(removing: [], inserting: [7].map(row), firstReplay: 20, cap: 256, generation: 3)
+        XCTAssertEqual(kept.found.map(\.id), [2, 3, 7, 9, 12], "a replay at 20 ends what they cover at 19")
+        XCTAssertEqual(kept.through, 19)
+
+        kept.update(removing: [3], inserting: [], firstReplay: nil, cap: 3, generation: 4)
+        XCTAssertEqual(kept.found.map(\.id), [2, 7, 9])
+        XCTAssertEqual(kept.through, 9, "capped: they cover only up to their last row")
+
+        let taken = kept.take(after: 2, through: .max, limit: 10)
+        XCTAssertNil(taken, "beyond what they cover they cannot tell")
+        let within = kept.take(after: 2, through: 9, limit: 10)
+        XCTAssertEqual(within?.found.map(\.id), [7, 9])
+        XCTAssertEqual(within?.complete, true)
+        XCTAssertEqual(kept.take(after: 7, through: 9, limit: 1)?.found.map(\.id), [9])
+        XCTAssertNil(kept.take(after: 1, through: 9, limit: 10), "rows before what they hold are gone")
+    }
+
     /// Reads back from SQLite take rows ahead of what one read needs (`Spool.readAheadRows`): in
     /// any order of appends, completions, applies and reads from anywhere, a read answers what the
     /// spool holds — nothing finished, nothing new missed.
