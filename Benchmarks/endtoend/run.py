@@ -8,7 +8,9 @@ For each mode (send_as_batch true/false, 1 or N tenants) it starts a librdkafka 
   2. the ceiling: raw_producer.c sending the messages Sluice produced (copied back from the topics:
      same keys, same bytes), as fast as it can;
   3. the peer: peer_forwarder.py (aiohttp + orjson + confluent-kafka), ack styles confirmed and
-     queued, at max load.
+     queued, at max load;
+  4. the HTTP ceiling: http_sink.c, which reads each request and answers 202 (nothing else), driven
+     by the same wrk script at max load: no forwarder takes in more on this machine.
 Accepted = 202s counted by wrk. Delivered = growth of the topics' high watermarks, counted until the
 backlog has drained, over load time + drain time. CPU seconds (/proc/PID/stat) and peak RSS
 (VmHWM, reset before each step) per process. Prints markdown tables; --record appends them to
@@ -217,17 +219,18 @@ class Mode:
 
     # -- load and measurement
 
-    def step(self, system, load, url, procs, rate=0.0, seconds=None, record=True):
-        """Drives `url` with wrk for `seconds`, then waits until the backlog has drained."""
+    def step(self, system, load, url, procs, rate=0.0, seconds=None, record=True, delivers=True):
+        """Drives `url` with wrk for `seconds`, then waits until the backlog has drained (`delivers`:
+        the system produces to its topics; the HTTP sink does not)."""
         o, c = self.opts, self.cluster
         seconds = seconds or o.duration
-        topics = self.topics(system)
+        topics = self.topics(system) if delivers else []
         # Files the harness wrote (the binaries' copies, ~200 MB; samples and the raw producer's
         # messages, tens of MB) would otherwise be written back by the kernel 30 s later, in the
         # middle of a step: the virtual disk then holds every fsync for 150-450 ms, and a paced
         # step's p99 measured the harness, not the system under test.
         os.sync()
-        base = c.delivered(topics)
+        base = c.delivered(topics) if delivers else 0
         for p in procs:
             p.reset_peak()
         cpu0 = {p.name: p.cpu() for p in procs}
@@ -243,10 +246,26 @@ class Mode:
             raise RuntimeError(f"wrk failed ({status}): {err.strip()}\n{out}")
         w = json.loads(line[6:])
         dur = w["duration_us"] / 1e6
-        in_window = c.delivered(topics) - base
         epr = w["events_sent"] / max(1, w["requests_sent"])
         expected = w["ok"] * (1 if self.send_as_batch else epr)
         slack = o.connections * (1 if self.send_as_batch else 50)
+        if not delivers:
+            r = {
+                "system": system, "load": load, "rate": rate, "seconds": dur, "drain_s": 0.0,
+                "req_s": w["completed"] / dur, "accepted_eps": w["ok"] * epr / dur,
+                "delivered_eps": None, "msgs_s": None, "mb_s": None,
+                "body_mb_s": w["ok"] * self.bytes_per_request / dur / 1e6,
+                "p50": w["p50_us"] / 1e3, "p99": w["p99_us"] / 1e3, "p999": w["p999_us"] / 1e3,
+                "not_202": w["other"] + w["socket_errors"], "statuses": w["statuses"],
+                "cpu": {p.name: (p.cpu() - cpu0[p.name], p.peak_mb()) for p in procs},
+            }
+            r["cpu"]["wrk"] = (wrk_cpu, None)
+            say(f"{self.name} {system} {load}: {r['req_s']:,.0f} req/s, {r['body_mb_s']:.0f} MB/s of bodies, "
+                f"p99 {r['p99']:.1f} ms, not 202: {r['not_202']}")
+            if record:
+                self.results.append(r)
+            return r
+        in_window = c.delivered(topics) - base
         drain, delivered = c.wait_delivered(topics, base, expected, slack, timeout=o.drain_timeout)
         r = {
             "system": system, "load": load, "rate": rate, "seconds": dur, "drain_s": drain,
@@ -332,6 +351,8 @@ class Mode:
             self.run_raw()
             for ack in o.peer_acks:
                 self.run_peer(ack)
+            if o.http_sink:
+                self.run_sink()
         finally:
             self.cluster.close()
             cluster.stop()
@@ -424,11 +445,23 @@ class Mode:
             peer.stop()
         self.sample_bytes(system)
 
+    def run_sink(self):
+        o = self.opts
+        port = free_port()
+        sink = Proc("http-sink", [str(o.http_sink_binary), str(port)], self.dir)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_http(url + "/healthz", 30, [sink])
+            self.step("sink", "warm-up", url, [sink], seconds=o.warmup, record=False, delivers=False)
+            self.step("sink", "max", url, [sink], delivers=False)
+        finally:
+            sink.stop()
+
 
 # ---------------------------------------------------------------- report
 
 LABELS = {"sluice": "Sluice", "raw": "raw librdkafka (ceiling)", "peerc": "peer, ack after Kafka confirmed",
-          "peerq": "peer, ack when queued"}
+          "peerq": "peer, ack when queued", "sink": "HTTP ceiling (reads, answers 202)"}
 
 
 def fmt(v, digits=0):
@@ -445,10 +478,9 @@ def mode_report(m):
              "| p50 ms | p99 ms | p99.9 ms | not 202 |",
              "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for r in m.results:
-        mb = r.get("mb_s")
-        if mb is None:
-            mb = r["msgs_s"] * m.msg_bytes.get(r["system"], 0) / 1e6
-            r["mb_s"] = mb
+        if "mb_s" not in r:
+            r["mb_s"] = r["msgs_s"] * m.msg_bytes.get(r["system"], 0) / 1e6
+        mb = r["mb_s"]
         load = r["load"] + (f" ({r['rate']:,.0f} req/s)" if r.get("rate") else "")
         status = fmt(r.get("not_202")) + (f" ({r['statuses']})" if r.get("statuses") else "")
         lines.append(f"| {LABELS[r['system']]} | {load} | {fmt(r.get('req_s'))} | {fmt(r.get('accepted_eps'))} "
@@ -461,6 +493,17 @@ def mode_report(m):
     if s and raw:
         ratios.append(f"Sluice ÷ raw producer: messages/s {100 * s['msgs_s'] / raw['msgs_s']:.1f}%, "
                       f"MB/s {100 * s['mb_s'] / raw['mb_s']:.1f}% (target ≥ 25%)")
+    sink = by.get(("sink", "max"))
+    if sink and raw:
+        # what the sink took in, counted as Sluice would deliver it: a message per request (batches)
+        # or per event, and the request bodies' bytes (a batch message is its request's batch)
+        sink_msgs = sink["req_s"] * m.msgs_per_request
+        ratios.append(f"HTTP ceiling (http_sink, the same wrk): {sink['req_s']:,.0f} req/s, {sink['body_mb_s']:.1f} MB/s of "
+                      f"request bodies; ÷ raw producer: messages/s {100 * sink_msgs / raw['msgs_s']:.1f}%, "
+                      f"MB/s {100 * sink['body_mb_s'] / raw['mb_s']:.1f}% (what any HTTP forwarder could reach here)")
+    if sink and s:
+        ratios.append(f"Sluice ÷ HTTP ceiling: requests/s accepted {100 * s['req_s'] / sink['req_s']:.1f}%, "
+                      f"delivered {100 * s['msgs_s'] / (sink['req_s'] * m.msgs_per_request):.1f}%")
     for peer in ("peerc", "peerq"):
         p = by.get((peer, "max"))
         if s and p and p["delivered_eps"]:
@@ -588,6 +631,8 @@ def parse_args():
     p.add_argument("--peer-acks", default="confirmed,queued")
     p.add_argument("--spool-tmpfs", action="store_true",
                    help="put Sluice's spool in /dev/shm: fsyncs cost nothing (NOT durable; shows what the disk's flushes cost)")
+    p.add_argument("--no-http-sink", dest="http_sink", action="store_false",
+                   help="skip the HTTP ceiling (http_sink.c at max load)")
     p.add_argument("--pace-peers", action="store_true", help="also run the peer at the paced fractions of its own max")
     p.add_argument("--soak", type=int, default=0, metavar="SECONDS",
                    help="after the paced steps, run Sluice at 50%% load this long sampling RSS (e.g. 600)")
@@ -632,6 +677,8 @@ def main():
     opts.raw_producer = work / "raw_producer"
     subprocess.run(["gcc", "-O2", "-o", str(opts.raw_producer), str(BENCH / "baselines" / "raw_producer.c"),
                     "-lrdkafka"], check=True)
+    opts.http_sink_binary = work / "http_sink"
+    subprocess.run(["gcc", "-O2", "-o", str(opts.http_sink_binary), str(BENCH / "baselines" / "http_sink.c")], check=True)
     modes, ok = [], False
     try:
         for send_as_batch, tenants in modes_spec:

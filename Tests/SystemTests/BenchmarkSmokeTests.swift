@@ -11,9 +11,15 @@ final class BenchmarkSmokeTests: XCTestCase {
         let result = try runCommand(
             repo + "/Benchmarks/run", ["--quick", "--bin-dir", BuiltProducts.directory.path], timeout: 600)
         XCTAssertEqual(result.status, 0, String(result.out.suffix(3000)) + String(result.err.suffix(3000)))
-        for row in ["| Sluice | max |", "| raw librdkafka (ceiling) | max |", "| peer, ack after Kafka confirmed | max |"] {
+        let rows = [
+            "| Sluice | max |", "| raw librdkafka (ceiling) | max |", "| peer, ack after Kafka confirmed | max |",
+            "| HTTP ceiling (reads, answers 202) | max |",
+        ]
+        for row in rows {
             XCTAssertTrue(result.out.contains(row), "'\(row)' in:\n\(result.out.suffix(4000))")
         }
-        XCTAssertTrue(result.out.contains("Sluice ÷ raw producer"), result.out.suffix(4000).description)
+        for ratio in ["Sluice ÷ raw producer", "Sluice ÷ HTTP ceiling"] {
+            XCTAssertTrue(result.out.contains(ratio), "'\(ratio)' in:\n\(result.out.suffix(4000))")
+        }
     }
 }
