@@ -249,44 +249,38 @@ class Mode:
         epr = w["events_sent"] / max(1, w["requests_sent"])
         expected = w["ok"] * (1 if self.send_as_batch else epr)
         slack = o.connections * (1 if self.send_as_batch else 50)
-        if not delivers:
-            r = {
-                "system": system, "load": load, "rate": rate, "seconds": dur, "drain_s": 0.0,
-                "req_s": w["completed"] / dur, "accepted_eps": w["ok"] * epr / dur,
-                "delivered_eps": None, "msgs_s": None, "mb_s": None,
-                "body_mb_s": w["ok"] * self.bytes_per_request / dur / 1e6,
-                "p50": w["p50_us"] / 1e3, "p99": w["p99_us"] / 1e3, "p999": w["p999_us"] / 1e3,
-                "not_202": w["other"] + w["socket_errors"], "statuses": w["statuses"],
-                "cpu": {p.name: (p.cpu() - cpu0[p.name], p.peak_mb()) for p in procs},
-            }
-            r["cpu"]["wrk"] = (wrk_cpu, None)
-            say(f"{self.name} {system} {load}: {r['req_s']:,.0f} req/s, {r['body_mb_s']:.0f} MB/s of bodies, "
-                f"p99 {r['p99']:.1f} ms, not 202: {r['not_202']}")
-            if record:
-                self.results.append(r)
-            return r
-        in_window = c.delivered(topics) - base
-        drain, delivered = c.wait_delivered(topics, base, expected, slack, timeout=o.drain_timeout)
         r = {
-            "system": system, "load": load, "rate": rate, "seconds": dur, "drain_s": drain,
+            "system": system, "load": load, "rate": rate, "seconds": dur, "drain_s": 0.0,
             "req_s": w["completed"] / dur, "accepted_eps": w["ok"] * epr / dur,
-            "delivered_msgs": delivered, "expected_msgs": expected,
-            "delivered_eps": delivered * self.events_per_msg / (dur + drain),
-            "window_eps": in_window * self.events_per_msg / dur,
-            "msgs_s": delivered / (dur + drain),
             "p50": w["p50_us"] / 1e3, "p99": w["p99_us"] / 1e3, "p999": w["p999_us"] / 1e3,
             "not_202": w["other"] + w["socket_errors"], "statuses": w["statuses"],
-            "cpu": {p.name: (p.cpu() - cpu0[p.name], p.peak_mb()) for p in procs},
         }
+        if delivers:
+            in_window = c.delivered(topics) - base
+            drain, delivered = c.wait_delivered(topics, base, expected, slack, timeout=o.drain_timeout)
+            r.update({
+                "drain_s": drain, "delivered_msgs": delivered, "expected_msgs": expected,
+                "delivered_eps": delivered * self.events_per_msg / (dur + drain),
+                "window_eps": in_window * self.events_per_msg / dur,
+                "msgs_s": delivered / (dur + drain),
+            })
+        else:
+            r.update({"delivered_eps": None, "msgs_s": None, "mb_s": None,
+                      "body_mb_s": w["ok"] * self.bytes_per_request / dur / 1e6})
+        r["cpu"] = {p.name: (p.cpu() - cpu0[p.name], p.peak_mb()) for p in procs}
         r["cpu"]["wrk"] = (wrk_cpu, None)
         if counters0:
             after = ingest_counters(url)
-            r["ingest"] = {k: (after.get(k, 0) - v) / (dur + drain) for k, v in counters0.items()}
-        if delivered < expected - slack:
-            say(f"warning: {system} {load}: {delivered} of {expected:.0f} expected messages arrived")
-        say(f"{self.name} {system} {load}: accepted {r['accepted_eps']:,.0f} ev/s, delivered {r['delivered_eps']:,.0f} "
-            f"ev/s (drain {drain:.1f} s), p99 {r['p99']:.1f} ms, not 202: {r['not_202']}"
-            + "".join(f", {k.replace('_', ' ')} {v:,.0f}/s" for k, v in r.get("ingest", {}).items()))
+            r["ingest"] = {k: (after.get(k, 0) - v) / (dur + r["drain_s"]) for k, v in counters0.items()}
+        if delivers:
+            if r["delivered_msgs"] < expected - slack:
+                say(f"warning: {system} {load}: {r['delivered_msgs']} of {expected:.0f} expected messages arrived")
+            say(f"{self.name} {system} {load}: accepted {r['accepted_eps']:,.0f} ev/s, delivered {r['delivered_eps']:,.0f} "
+                f"ev/s (drain {r['drain_s']:.1f} s), p99 {r['p99']:.1f} ms, not 202: {r['not_202']}"
+                + "".join(f", {k.replace('_', ' ')} {v:,.0f}/s" for k, v in r.get("ingest", {}).items()))
+        else:
+            say(f"{self.name} {system} {load}: {r['req_s']:,.0f} req/s, {r['body_mb_s']:.0f} MB/s of bodies, "
+                f"p99 {r['p99']:.1f} ms, not 202: {r['not_202']}")
         if record:
             self.results.append(r)
         return r
