@@ -55,8 +55,8 @@ class Cluster:
 
     def capture(self, topics, path, rename, limit=20000, limit_bytes=256 << 20):
         """Copies up to `limit` messages still held by the brokers (the mock cluster keeps about
-        5 MB per partition) into `path` in raw_producer's record format, with topics renamed by
-        `rename`. Returns (messages, average key+value bytes)."""
+        5 MB per partition) into `path` in raw_producer's record format (headers included), with
+        topics renamed by `rename`. Returns (messages, average key+value bytes)."""
         lows, ends = self.offsets(topics, -2), self.offsets(topics, -1)
         ends = {tp: high for tp, high in ends.items() if high > lows[tp]}
         assignment = [TopicPartition(t, p, lows[(t, p)]) for t, p in ends]
@@ -76,6 +76,12 @@ class Cluster:
                     out.write(struct.pack(">H", len(topic)) + topic)
                     out.write(struct.pack(">i", -1 if key is None else len(key)) + (key or b""))
                     out.write(struct.pack(">I", len(value)) + value)
+                    headers = m.headers() or []
+                    out.write(struct.pack(">H", len(headers)))
+                    for name, hv in headers:
+                        name = name.encode()
+                        out.write(struct.pack(">H", len(name)) + name)
+                        out.write(struct.pack(">i", -1 if hv is None else len(hv)) + (hv or b""))
                     count += 1
                     size += len(value) + len(key or b"")
         self.consumer.unassign()

@@ -389,30 +389,44 @@ class Mode:
         self.sample_bytes("sluice")
 
     def run_raw(self):
-        o = self.opts
+        """The ceiling: the messages Sluice produced (headers too), as fast as librdkafka sends them;
+        then the same at Sluice's delivered rate, to show what librdkafka and the cluster cost there."""
         sample = self.dir / "raw.messages"
         n, avg = self.cluster.capture(self.topics("sluice"), sample, lambda t: "raw" + t[len("sluice"):])
         if n == 0:
             raise RuntimeError("no Sluice messages to replay for the raw producer")
+        r = self.replay(sample, "raw", n)
+        self.raw_info = r
+        self.msg_bytes["raw"] = r["bytes"] / max(1, r["delivered"])
+        say(f"{self.name} raw: {r['msgs_per_s']:,.0f} msgs/s, {r['mb_per_s']:.0f} MB/s ({n} distinct messages cycled)")
+        h = self.replay(sample, "rawbare", n, flags=["-H"])
+        say(f"{self.name} raw without headers: {h['msgs_per_s']:,.0f} msgs/s")
+        sluice = next((x for x in self.results if x["system"] == "sluice" and x["load"] == "max"), None)
+        if sluice and sluice["msgs_s"] > 0:
+            p = self.replay(sample, "rawpaced", n, rate=sluice["msgs_s"])
+            say(f"{self.name} raw at Sluice's rate: {p['msgs_per_s']:,.0f} msgs/s, its CPU {p['cpu_s']:.1f} s")
+        t = self.replay(sample, "rawtarget", n, rate=0.25 * r["msgs_per_s"])
+        say(f"{self.name} raw at 25% of the ceiling: {t['msgs_per_s']:,.0f} msgs/s, its CPU {t['cpu_s']:.1f} s")
+
+    def replay(self, sample, system, distinct, rate=None, flags=()):
+        o = self.opts
         base = self.cluster.delivered(self.topics("raw"))
-        cpu0, child0 = self.cluster_proc.cpu(), child_cpu()
+        cpu0 = self.cluster_proc.cpu()
         out, err, status = run_child([str(o.raw_producer), "-b", self.bootstrap, "-f", str(sample),
-                                      "-s", str(min(o.duration, 10))])
+                                      "-s", str(min(o.duration, 10))] + (["-r", f"{rate:.0f}"] if rate else []) + list(flags))
         if status != 0:
             raise RuntimeError(f"raw_producer failed ({status}): {err.strip()} {out.strip()}")
         r = json.loads(out)
         counted = self.cluster.delivered(self.topics("raw")) - base
         if counted != r["delivered"]:
             say(f"warning: raw producer: {r['delivered']} delivery reports, {counted} messages on the brokers")
-        self.raw_info = r
-        self.msg_bytes["raw"] = r["bytes"] / max(1, r["delivered"])
         self.results.append({
-            "system": "raw", "load": "max", "seconds": r["seconds"], "drain_s": 0.0,
+            "system": system, "load": {"raw": "max", "rawbare": "max", "rawpaced": "Sluice's max"}.get(system, "25% of max"), "seconds": r["seconds"], "drain_s": 0.0,
             "msgs_s": r["msgs_per_s"], "delivered_eps": r["msgs_per_s"] * self.events_per_msg, "mb_s": r["mb_per_s"],
-            "cpu": {"raw producer": (child_cpu() - child0, None), "dev-cluster": (self.cluster_proc.cpu() - cpu0, None)},
-            "distinct": n,
+            "cpu": {"raw producer": (r["cpu_s"], None), "dev-cluster": (self.cluster_proc.cpu() - cpu0, None)},
+            "distinct": distinct,
         })
-        say(f"{self.name} raw: {r['msgs_per_s']:,.0f} msgs/s, {r['mb_per_s']:.0f} MB/s ({n} distinct messages cycled)")
+        return r
 
     def run_peer(self, ack):
         o = self.opts
@@ -455,7 +469,9 @@ class Mode:
 # ---------------------------------------------------------------- report
 
 LABELS = {"sluice": "Sluice", "raw": "raw librdkafka (ceiling)", "peerc": "peer, ack after Kafka confirmed",
-          "peerq": "peer, ack when queued", "sink": "HTTP ceiling (reads, answers 202)"}
+          "peerq": "peer, ack when queued", "sink": "HTTP ceiling (reads, answers 202)",
+          "rawpaced": "raw librdkafka at Sluice's rate", "rawtarget": "raw librdkafka at the target rate",
+          "rawbare": "raw librdkafka, no headers"}
 
 
 def fmt(v, digits=0):
@@ -480,13 +496,32 @@ def mode_report(m):
         lines.append(f"| {LABELS[r['system']]} | {load} | {fmt(r.get('req_s'))} | {fmt(r.get('accepted_eps'))} "
                      f"| {fmt(r['delivered_eps'])} | {fmt(r['msgs_s'])} | {fmt(mb, 1)} | {fmt(r['drain_s'], 1)} "
                      f"| {fmt(r.get('p50'), 2)} | {fmt(r.get('p99'), 2)} | {fmt(r.get('p999'), 2)} "
-                     f"| {status if r['system'] != 'raw' else '–'} |")
+                     f"| {status if not r['system'].startswith('raw') else '–'} |")
     by = {(r["system"], r["load"]): r for r in m.results}
     s, raw = by.get(("sluice", "max")), by.get(("raw", "max"))
     ratios = []
     if s and raw:
         ratios.append(f"Sluice ÷ raw producer: messages/s {100 * s['msgs_s'] / raw['msgs_s']:.1f}%, "
                       f"MB/s {100 * s['mb_s'] / raw['mb_s']:.1f}% (target ≥ 25%)")
+        bare = by.get(("rawbare", "max"))
+        if bare:
+            ratios.append(f"Sluice ÷ raw producer without the headers Sluice adds: messages/s "
+                          f"{100 * s['msgs_s'] / bare['msgs_s']:.1f}% (the headers cost the raw producer "
+                          f"{100 * (1 - raw['msgs_s'] / bare['msgs_s']):.0f}% of its rate)")
+    def cores(r, name):
+        return r["cpu"][name][0] / (r["seconds"] + r["drain_s"]) if name in r["cpu"] else 0.0
+    paced = by.get(("rawpaced", "Sluice's max"))
+    kafka_out = sum(cores(s, n) for n in s["cpu"] if n.startswith("kafka-out")) if s else 0.0
+    if s and paced:
+        ratios.append(f"librdkafka at Sluice's rate (the raw producer paced at {paced['msgs_s']:,.0f} msgs/s, users' "
+                      f"batches interleaved): raw producer {cores(paced, 'raw producer'):.2f} cores, cluster "
+                      f"{cores(paced, 'dev-cluster'):.2f}; Sluice at max: kafka-out {kafka_out:.2f}, "
+                      f"cluster {cores(s, 'dev-cluster'):.2f}")
+    target = by.get(("rawtarget", "25% of max"))
+    if target:
+        ratios.append(f"librdkafka at the target rate (25% of the ceiling's messages/s, the same pattern): "
+                      f"{target['msgs_s']:,.0f} msgs/s delivered; raw producer {cores(target, 'raw producer'):.2f} cores, "
+                      f"cluster {cores(target, 'dev-cluster'):.2f} — of the machine's 2, before any HTTP, spool or routing")
     sink = by.get(("sink", "max"))
     if sink and raw:
         # what the sink took in, counted as Sluice would deliver it: a message per request (batches)

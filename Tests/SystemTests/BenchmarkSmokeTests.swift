@@ -13,12 +13,12 @@ final class BenchmarkSmokeTests: XCTestCase {
         XCTAssertEqual(result.status, 0, String(result.out.suffix(3000)) + String(result.err.suffix(3000)))
         let rows = [
             "| Sluice | max |", "| raw librdkafka (ceiling) | max |", "| peer, ack after Kafka confirmed | max |",
-            "| HTTP ceiling (reads, answers 202) | max |",
+            "| HTTP ceiling (reads, answers 202) | max |", "| raw librdkafka at Sluice's rate | Sluice's max |",
         ]
         for row in rows {
             XCTAssertTrue(result.out.contains(row), "'\(row)' in:\n\(result.out.suffix(4000))")
         }
-        for ratio in ["Sluice ÷ raw producer", "Sluice ÷ HTTP ceiling"] {
+        for ratio in ["Sluice ÷ raw producer", "Sluice ÷ HTTP ceiling", "librdkafka at Sluice's rate", "librdkafka at the target rate"] {
             XCTAssertTrue(result.out.contains(ratio), "'\(ratio)' in:\n\(result.out.suffix(4000))")
         }
     }
