@@ -26,6 +26,7 @@ import platform
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -144,6 +145,16 @@ def run_child(argv):
     shows in child_cpu() once it is reaped."""
     p = subprocess.run(argv, capture_output=True, text=True)
     return p.stdout, p.stderr, p.returncode
+
+
+def dev_cluster_command(path, command):
+    """Sends one command to the dev cluster's control socket (kafka-out DevClusterControl)."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(path))
+        s.sendall(command.encode() + b"\n")
+        answer = s.recv(256).decode().strip()
+    if answer != "ok":
+        raise RuntimeError(f"dev cluster: {command}: {answer}")
 
 
 def child_cpu():
@@ -338,6 +349,8 @@ class Mode:
                 raise RuntimeError(f"the dev cluster did not start; see {cluster.log.name}")
             time.sleep(0.05)
         self.bootstrap = bootstrap_file.read_text().strip()
+        if o.broker_rtt:
+            dev_cluster_command(self.dir / "dev-cluster.control", f"rtt {o.broker_rtt}")
         self.cluster = Cluster(self.bootstrap, o.partitions)
         self.cluster_proc = cluster
         try:
@@ -625,7 +638,10 @@ def report(modes, opts, started):
             f"- Versions: {versions()}",
             ("- Spool on tmpfs (/dev/shm, --spool-tmpfs): fsyncs cost nothing and nothing is durable; "
              "compare with a run on disk for the cost of the flushes" if opts.spool_tmpfs else
-             "- fsync after a 16 KB write where the spool lives: p50 %.2f ms, p99 %.2f ms, max %.2f ms" % opts.fsync), ""]
+             "- fsync after a 16 KB write where the spool lives: p50 %.2f ms, p99 %.2f ms, max %.2f ms" % opts.fsync)]
+    if opts.broker_rtt:
+        head.append(f"- The dev cluster's brokers answer every request {opts.broker_rtt} ms late (--broker-rtt)")
+    head.append("")
     return "\n".join(head + ["\n\n".join(mode_report(m) for m in modes), ""])
 
 
@@ -655,6 +671,8 @@ def parse_args():
     p.add_argument("--connections", type=int, default=16)
     p.add_argument("--wrk-threads", type=int, default=1)
     p.add_argument("--partitions", type=int, default=6, help="partitions per topic")
+    p.add_argument("--broker-rtt", type=int, default=0, metavar="MS",
+                   help="the dev cluster's brokers answer every request MS ms late (a remote cluster's round trip)")
     p.add_argument("--kafka-outs", type=int, default=1, help="kafka-out instances")
     p.add_argument("--paced", default="0.5,0.25", help="paced steps as fractions of the sustained max (quick: 0.5)")
     p.add_argument("--peer-acks", default="confirmed,queued")

@@ -103,3 +103,24 @@ public struct ProducerConfiguration: Sendable, Equatable, Hashable {
     /// Property names whose values must never be shown.
     public static let secretProperties: Set<String> = ["sasl.password", "ssl.key.pem", "ssl.key.password"]
 }
+
+/// Producer settings an operator chooses for a whole output process rather than per destination
+/// (`kafka-out --message-timeout-ms --linger-ms --max-in-flight`); applied to every producer it makes.
+public struct ProducerTuning: Sendable, Equatable {
+    public var messageTimeout: Duration = .seconds(300)
+    public var linger: Duration = .milliseconds(5)
+    /// Produce requests in flight per broker connection; nil: librdkafka's default (5).
+    public var maxInFlight: Int?
+
+    public init(messageTimeout: Duration = .seconds(300), linger: Duration = .milliseconds(5), maxInFlight: Int? = nil) {
+        self.messageTimeout = messageTimeout
+        self.linger = linger
+        self.maxInFlight = maxInFlight
+    }
+
+    public func apply(to configuration: inout ProducerConfiguration) {
+        configuration.messageTimeout = messageTimeout
+        configuration.linger = linger
+        configuration.maxInFlight = maxInFlight
+    }
+}

@@ -30,8 +30,22 @@ struct Run: AsyncParsableCommand {
     @Option(help: "How long librdkafka may try to deliver a message before reporting it failed (it is then retried, not dropped).")
     var messageTimeoutMs: Int = 300_000
 
-    @Option(help: "Produce requests in flight per broker connection (1-5; librdkafka's default 5). Ordering and idempotence hold either way.")
+    @Option(help: "Produce requests in flight per broker connection (1-5; librdkafka's default 5). Ordering and idempotence hold either way. See README, \"Kafka brokers far away\".")
     var maxInFlight: Int?
+
+    @Option(help: "How long librdkafka waits to fill a produce request (ms). See README, \"Kafka brokers far away\".")
+    var lingerMs: Int = 5
+
+    /// The producer settings these options choose, for every producer of this process.
+    var tuning: ProducerTuning {
+        ProducerTuning(messageTimeout: .milliseconds(messageTimeoutMs), linger: .milliseconds(lingerMs), maxInFlight: maxInFlight)
+    }
+
+    func validate() throws {
+        guard (1...5).contains(maxInFlight ?? 5) else { throw ValidationError("--max-in-flight must be 1-5 (the idempotent producer's limit)") }
+        guard (0...900_000).contains(lingerMs) else { throw ValidationError("--linger-ms must be 0-900000") }
+        guard messageTimeoutMs > 0 else { throw ValidationError("--message-timeout-ms must be positive") }
+    }
 
     @Option(help: "Serve Prometheus metrics and /healthz on HOST:PORT (e.g. 127.0.0.1:9102). Off when not given.")
     var metricsListen: String?
@@ -42,8 +56,8 @@ struct Run: AsyncParsableCommand {
         // One loop reads the router's frames, serves librdkafka's delivery reports and writes the answers.
         let loop = MultiThreadedEventLoopGroup.singleton.next()
         let publisher = KafkaPublisher(
-            devBootstrapFile: devFile, messageTimeout: .milliseconds(messageTimeoutMs), maxInFlight: maxInFlight, eventLoop: loop,
-            logger: logger)
+            devBootstrapFile: devFile,
+            tuning: tuning, eventLoop: loop, logger: logger)
         let client = FrameClient(
             path: options.routerSocketPath, role: .kafkaOut,
             instance: instance ?? "kafka-out-\(ProcessInfo.processInfo.processIdentifier)",

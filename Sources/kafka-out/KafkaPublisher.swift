@@ -14,20 +14,17 @@ final class KafkaPublisher: FrameConnectionHandler, Service {
     private let devBootstrapFile: String
     /// The dev cluster's bootstrap list, re-read at most once a second (not once per message).
     private let devBootstrap = NIOLockedValueBox<(text: String?, readAt: ContinuousClock.Instant?)>((nil, nil))
-    private let messageTimeout: Duration
-    private let maxInFlight: Int?
+    private let tuning: ProducerTuning
     private let logger: Logger
     private let host: OutputHost<KafkaDestination>
 
     /// `eventLoop`: where the producers' delivery reports are served (the router connection's loop:
     /// the answers they make are written there).
     init(
-        devBootstrapFile: String, messageTimeout: Duration = .seconds(300), maxInFlight: Int? = nil, eventLoop: EventLoop? = nil,
-        logger: Logger
+        devBootstrapFile: String, tuning: ProducerTuning = ProducerTuning(), eventLoop: EventLoop? = nil, logger: Logger
     ) {
         self.devBootstrapFile = devBootstrapFile
-        self.messageTimeout = messageTimeout
-        self.maxInFlight = maxInFlight
+        self.tuning = tuning
         self.logger = logger
         let relay = WeakRelay<KafkaPublisher>()
         host = OutputHost(
@@ -87,8 +84,7 @@ final class KafkaPublisher: FrameConnectionHandler, Service {
             bootstrap = text
         }
         var configuration = ProducerConfiguration(destination: d, bootstrapServers: bootstrap)
-        configuration.messageTimeout = messageTimeout
-        configuration.maxInFlight = maxInFlight
+        tuning.apply(to: &configuration)
         return configuration
     }
 }

@@ -25,6 +25,25 @@ final class ProducerConfigurationTests: XCTestCase {
         XCTAssertEqual(p["message.timeout.ms"], "300000")
     }
 
+    func testKafkaOutOptionsReachEveryProducer() throws {
+        var config = ProducerConfiguration(destination: KafkaDestination(bootstrapServers: "x:1", topic: "t"), bootstrapServers: "b:1")
+        try Run.parse(["--linger-ms", "20", "--max-in-flight", "1", "--message-timeout-ms", "2000"]).tuning.apply(to: &config)
+        let p = Dictionary(config.properties.map { ($0.key, $0.value) }, uniquingKeysWith: { a, _ in a })
+        XCTAssertEqual(p["linger.ms"], "20")
+        XCTAssertEqual(p["max.in.flight.requests.per.connection"], "1")
+        XCTAssertEqual(p["message.timeout.ms"], "2000")
+        XCTAssertEqual(p["enable.idempotence"], "true", "tuning never turns idempotence off")
+
+        var defaults = ProducerConfiguration(destination: KafkaDestination(bootstrapServers: "x:1", topic: "t"), bootstrapServers: "b:1")
+        try Run.parse([]).tuning.apply(to: &defaults)
+        let d = Dictionary(defaults.properties.map { ($0.key, $0.value) }, uniquingKeysWith: { a, _ in a })
+        XCTAssertEqual(d["linger.ms"], "5")
+        XCTAssertNil(d["max.in.flight.requests.per.connection"], "librdkafka's default (5)")
+
+        XCTAssertThrowsError(try Run.parse(["--max-in-flight", "6"]), "more than the idempotent producer allows")
+        XCTAssertThrowsError(try Run.parse(["--linger-ms", "-1"]))
+    }
+
     func testNoUsernameMeansSSL() {
         let p = properties(KafkaDestination(bootstrapServers: "x:1", topic: "t"))
         XCTAssertEqual(p["security.protocol"], "ssl")
