@@ -521,6 +521,7 @@ def mode_report(m):
             ratios.append(f"Sluice ÷ raw producer without the headers Sluice adds: messages/s "
                           f"{100 * s['msgs_s'] / bare['msgs_s']:.1f}% (the headers cost the raw producer "
                           f"{100 * (1 - raw['msgs_s'] / bare['msgs_s']):.0f}% of its rate)")
+
     def cores(r, name):
         return r["cpu"][name][0] / (r["seconds"] + r["drain_s"]) if name in r["cpu"] else 0.0
     paced = by.get(("rawpaced", "Sluice's max"))

@@ -44,8 +44,8 @@ public struct ProducerConfiguration: Sendable, Equatable, Hashable {
     public var clientID = "sluice"
     /// How long librdkafka may hold a message before reporting `_MSG_TIMED_OUT` (never dropped:
     /// a timed-out message is reported as a retryable failure).
-    public var messageTimeout: Duration = .seconds(300)
-    public var linger: Duration = .milliseconds(5)
+    public var messageTimeout: Duration = ProducerTuning.defaultMessageTimeout
+    public var linger: Duration = ProducerTuning.defaultLinger
     public var queueMaxMessages = 100_000
     public var queueMaxKilobytes = 64 * 1024
     /// How often librdkafka reports its statistics (queue depth, broker round trips); 0 = never.
@@ -107,12 +107,15 @@ public struct ProducerConfiguration: Sendable, Equatable, Hashable {
 /// Producer settings an operator chooses for a whole output process rather than per destination
 /// (`kafka-out --message-timeout-ms --linger-ms --max-in-flight`); applied to every producer it makes.
 public struct ProducerTuning: Sendable, Equatable {
-    public var messageTimeout: Duration = .seconds(300)
-    public var linger: Duration = .milliseconds(5)
+    public static let defaultMessageTimeout: Duration = .seconds(300)
+    public static let defaultLinger: Duration = .milliseconds(5)
+
+    public var messageTimeout: Duration
+    public var linger: Duration
     /// Produce requests in flight per broker connection; nil: librdkafka's default (5).
     public var maxInFlight: Int?
 
-    public init(messageTimeout: Duration = .seconds(300), linger: Duration = .milliseconds(5), maxInFlight: Int? = nil) {
+    public init(messageTimeout: Duration = defaultMessageTimeout, linger: Duration = defaultLinger, maxInFlight: Int? = nil) {
         self.messageTimeout = messageTimeout
         self.linger = linger
         self.maxInFlight = maxInFlight

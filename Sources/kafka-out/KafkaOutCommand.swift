@@ -55,9 +55,7 @@ struct Run: AsyncParsableCommand {
         let devFile = devBootstrapFile ?? DevCluster.defaultBootstrapFile(runDir: options.runDir)
         // One loop reads the router's frames, serves librdkafka's delivery reports and writes the answers.
         let loop = MultiThreadedEventLoopGroup.singleton.next()
-        let publisher = KafkaPublisher(
-            devBootstrapFile: devFile,
-            tuning: tuning, eventLoop: loop, logger: logger)
+        let publisher = KafkaPublisher(devBootstrapFile: devFile, tuning: tuning, eventLoop: loop, logger: logger)
         let client = FrameClient(
             path: options.routerSocketPath, role: .kafkaOut,
             instance: instance ?? "kafka-out-\(ProcessInfo.processInfo.processIdentifier)",
