@@ -1,6 +1,5 @@
 import NIOCore
 import NIOEmbedded
-import NIOTestUtils
 import XCTest
 
 @testable import Shared
@@ -140,18 +139,46 @@ final class FrameCodecTests: XCTestCase {
         XCTAssertNil(frames[2].failedParts)
     }
 
-    func testDripFedAndManyFramesPerRead() throws {
-        let frames = sampleFrames()
+    /// The same frames whatever the reads' sizes: one byte at a time, frames cut anywhere (in
+    /// the length prefix, in a large payload), many frames in one read, all at once.
+    func testFramesCutAnywhereByTheReads() throws {
+        var large = sampleFrames()[1]
+        let message = ByteBuffer(string: "{\"s\":\"" + String(repeating: "0123456789", count: 500) + "\"}")
+        (large.payload, large.parts) = Frame.pack([(message, nil, "e1"), (message, "other", nil)])
+        let frames = sampleFrames() + [large, .ack(9)] + sampleFrames()
         let whole = encoded(frames)
-        // ByteToMessageDecoderVerifier feeds byte by byte, all at once, and in between.
-        try ByteToMessageDecoderVerifier.verifyDecoder(
-            inputOutputPairs: [(whole, frames)],
-            decoderFactory: { FrameDecoder() })
+        var generator = SeededRNG(state: 20)
+        var splits: [[Int]] = [[1], [2], [3], [5], [7], [64], [1000], [whole.readableBytes]]
+        for _ in 0..<20 { splits.append((0..<8).map { _ in Int(generator.next() % 700) + 1 }) }
+        for sizes in splits {
+            let channel = try channel(limit: 1 << 20)
+            var input = whole
+            var i = 0
+            while input.readableBytes > 0 {
+                try channel.writeInbound(input.readSlice(length: min(sizes[i % sizes.count], input.readableBytes))!)
+                i += 1
+            }
+            var decoded: [Frame] = []
+            while let frame = try channel.readInbound(as: Frame.self) { decoded.append(frame) }
+            XCTAssertEqual(decoded, frames, "reads of \(sizes)")
+            XCTAssertNoThrow(try channel.finish(), "nothing left over")
+        }
+    }
+
+    /// After a bad frame the connection's later bytes are not decoded.
+    func testNothingIsDecodedAfterABadFrame() throws {
+        let channel = try channel()
+        var bad = ByteBuffer()
+        bad.writeInteger(UInt32(8))
+        bad.writeString("not json")
+        XCTAssertThrowsError(try channel.writeInbound(bad))
+        XCTAssertNoThrow(try channel.writeInbound(encoded([.ack(1)])))
+        XCTAssertNil(try channel.readInbound(as: Frame.self))
     }
 
     func channel(limit: Int = 1024) throws -> EmbeddedChannel {
         let channel = EmbeddedChannel()
-        try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(FrameDecoder(maximumFrameLength: limit)))
+        try channel.pipeline.syncOperations.addHandler(FrameSplitter(maximumFrameLength: limit))
         return channel
     }
 
@@ -172,6 +199,11 @@ final class FrameCodecTests: XCTestCase {
         XCTAssertThrowsError(try channel.finish()) { error in
             guard case .truncated(let missing) = error as? FrameError else { return XCTFail("\(error)") }
             XCTAssertEqual(missing, 3)
+        }
+        let cutInPrefix = try self.channel()
+        try cutInPrefix.writeInbound(encoded([.ack(1)]).getSlice(at: 0, length: 1)!)
+        XCTAssertThrowsError(try cutInPrefix.finish()) { error in
+            XCTAssertEqual(error as? FrameError, .truncated(missing: 3))
         }
     }
 

@@ -158,7 +158,7 @@ func runFrameConnection(
 extension Channel {
     /// Adds the frame codec to a new Unix-socket channel and wraps it for async use.
     func frameAsyncChannel(maximumFrameLength: Int) throws -> NIOAsyncChannel<Frame, Frame> {
-        try pipeline.syncOperations.addHandler(ByteToMessageHandler(FrameDecoder(maximumFrameLength: maximumFrameLength)))
+        try pipeline.syncOperations.addHandler(FrameSplitter(maximumFrameLength: maximumFrameLength))
         try pipeline.syncOperations.addHandler(FrameWriter())
         return try NIOAsyncChannel<Frame, Frame>(wrappingChannelSynchronously: self)
     }
