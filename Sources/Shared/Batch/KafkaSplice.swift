@@ -148,13 +148,23 @@ extension KafkaConnectionSettings {
             all.writeInteger(UInt8(ascii: "["))
             var ranges: [Range<Int>] = []
             ranges.reserveCapacity(events.count)
-            for (i, event) in events.enumerated() {
-                if i > 0 { all.writeInteger(UInt8(ascii: ",")) }
-                let start = all.writerIndex
-                all.writeImmutableBuffer(before)
-                event.write(raw, into: &all)
-                all.writeImmutableBuffer(after)
-                ranges.append(start..<all.writerIndex)
+            before.withUnsafeReadableBytes { head in
+                after.withUnsafeReadableBytes { tail in
+                    for (i, event) in events.enumerated() {
+                        if i > 0 { all.writeInteger(UInt8(ascii: ",")) }
+                        let start = all.writerIndex
+                        if case .bytes(let range) = event {
+                            // One write per message: each of ByteBuffer's writes checks capacity
+                            // and ownership, and per event the router made four per message.
+                            all.writeJoined(head, UnsafeRawBufferPointer(rebasing: raw[range]), tail)
+                        } else {
+                            all.writeBytes(head)
+                            event.write(raw, into: &all)
+                            all.writeBytes(tail)
+                        }
+                        ranges.append(start..<all.writerIndex)
+                    }
+                }
             }
             all.writeInteger(UInt8(ascii: "]"))
             output.messages = ranges.map { all.getSlice(at: $0.lowerBound, length: $0.count)! }
@@ -192,6 +202,19 @@ extension KafkaConnectionSettings {
         var writer = ObjectWriter()
         for m in members where m.key != key { writer.member(.name(m.key), .bytes(shift(m.range, range))) }
         return .object(writer)
+    }
+}
+
+extension ByteBuffer {
+    /// Appends three runs of bytes with one capacity check.
+    fileprivate mutating func writeJoined(_ a: UnsafeRawBufferPointer, _ b: UnsafeRawBufferPointer, _ c: UnsafeRawBufferPointer) {
+        writeWithUnsafeMutableBytes(minimumWritableBytes: a.count + b.count + c.count) { out in
+            let ab = a.count + b.count
+            UnsafeMutableRawBufferPointer(rebasing: out[0..<a.count]).copyMemory(from: a)
+            UnsafeMutableRawBufferPointer(rebasing: out[a.count..<ab]).copyMemory(from: b)
+            UnsafeMutableRawBufferPointer(rebasing: out[ab..<(ab + c.count)]).copyMemory(from: c)
+            return ab + c.count
+        }
     }
 }
 
