@@ -231,9 +231,7 @@ private enum Key {
     func write(_ raw: UnsafeRawBufferPointer, into out: inout ByteBuffer) {
         switch self {
         case .input(let r):
-            out.writeInteger(UInt8(ascii: "\""))
-            out.writeBytes(UnsafeRawBufferPointer(rebasing: raw[r]))
-            out.writeInteger(UInt8(ascii: "\""))
+            out.writeQuoted(UnsafeRawBufferPointer(rebasing: raw[r]))
         case .name(let s):
             JSON.writeString(s, into: &out)
         }

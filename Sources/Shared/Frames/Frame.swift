@@ -194,17 +194,19 @@ extension Frame {
         }
         if let parts {
             out.writeStaticString(",\"parts\":[")
+            func text(_ text: String?) {
+                if let text {
+                    out.writeInteger(UInt8(ascii: ","))
+                    JSON.writeString(text, into: &out)
+                } else {
+                    out.writeStaticString(",null")
+                }
+            }
             for (i, part) in parts.enumerated() {
                 out.writeStaticString(i == 0 ? "[" : ",[")
                 out.writeString(String(part.bytes))
-                for text in [part.topic, part.eventID] {
-                    if let text {
-                        out.writeInteger(UInt8(ascii: ","))
-                        JSON.writeString(text, into: &out)
-                    } else {
-                        out.writeStaticString(",null")
-                    }
-                }
+                text(part.topic)
+                text(part.eventID)
                 out.writeInteger(UInt8(ascii: "]"))
             }
             out.writeInteger(UInt8(ascii: "]"))

@@ -116,16 +116,16 @@ public enum JSON {
 
     /// Writes `string` as a JSON string literal (quotes included).
     public static func writeString(_ string: String, into out: inout ByteBuffer) {
-        out.writeInteger(UInt8(ascii: "\""))
         let utf8 = string.utf8
         let fast = utf8.withContiguousStorageIfAvailable { raw -> Bool in
             if !raw.contains(where: { $0 < 0x20 || $0 == UInt8(ascii: "\"") || $0 == UInt8(ascii: "\\") }) {
-                out.writeBytes(raw)
+                out.writeQuoted(UnsafeRawBufferPointer(raw))
                 return true
             }
             return false
         }
         if fast != true {
+            out.writeInteger(UInt8(ascii: "\""))
             for b in utf8 {
                 switch b {
                 case UInt8(ascii: "\""): out.writeStaticString("\\\"")
@@ -141,8 +141,8 @@ public enum JSON {
                 default: out.writeInteger(b)
                 }
             }
+            out.writeInteger(UInt8(ascii: "\""))
         }
-        out.writeInteger(UInt8(ascii: "\""))
     }
 }
 
@@ -156,5 +156,19 @@ extension ByteBuffer {
     /// A slice of the readable bytes given as a range relative to `readerIndex`.
     public func slice(_ range: Range<Int>) -> ByteBuffer {
         getSlice(at: readerIndex + range.lowerBound, length: range.count)!
+    }
+}
+
+extension ByteBuffer {
+    /// Writes `bytes` between quotes, as they are (they need no escaping), with one capacity
+    /// check: each of ByteBuffer's writes checks capacity and ownership, and these are per key,
+    /// header and message id on the hot path.
+    public mutating func writeQuoted(_ bytes: UnsafeRawBufferPointer) {
+        writeWithUnsafeMutableBytes(minimumWritableBytes: bytes.count + 2) { out in
+            out[0] = UInt8(ascii: "\"")
+            UnsafeMutableRawBufferPointer(rebasing: out[1...]).copyMemory(from: bytes)
+            out[bytes.count + 1] = UInt8(ascii: "\"")
+            return bytes.count + 2
+        }
     }
 }
