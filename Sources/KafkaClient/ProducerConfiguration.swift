@@ -60,10 +60,7 @@ public struct ProducerConfiguration: Sendable, Equatable, Hashable {
         self.tls = tls
     }
 
-    static func milliseconds(_ d: Duration) -> String {
-        let (s, atto) = d.components
-        return String(s * 1000 + atto / 1_000_000_000_000_000)
-    }
+    static func milliseconds(_ d: Duration) -> String { String(ProducerTuning.milliseconds(d)) }
 
     /// The librdkafka properties, in the order they are applied.
     public var properties: [(key: String, value: String)] {
@@ -109,6 +106,12 @@ public struct ProducerConfiguration: Sendable, Equatable, Hashable {
 public struct ProducerTuning: Sendable, Equatable {
     public static let defaultMessageTimeout: Duration = .seconds(300)
     public static let defaultLinger: Duration = .milliseconds(5)
+
+    /// `duration` in whole milliseconds (the unit of kafka-out's options).
+    public static func milliseconds(_ duration: Duration) -> Int {
+        let (seconds, attoseconds) = duration.components
+        return Int(seconds * 1000 + attoseconds / 1_000_000_000_000_000)
+    }
 
     public var messageTimeout: Duration
     public var linger: Duration

@@ -28,13 +28,13 @@ struct Run: AsyncParsableCommand {
     var devBootstrapFile: String?
 
     @Option(help: "How long librdkafka may try to deliver a message before reporting it failed (it is then retried, not dropped).")
-    var messageTimeoutMs: Int = 300_000
+    var messageTimeoutMs: Int = ProducerTuning.milliseconds(ProducerTuning.defaultMessageTimeout)
 
     @Option(help: "Produce requests in flight per broker connection (1-5; librdkafka's default 5). Ordering and idempotence hold either way. See README, \"Kafka brokers far away\".")
     var maxInFlight: Int?
 
     @Option(help: "How long librdkafka waits to fill a produce request (ms). See README, \"Kafka brokers far away\".")
-    var lingerMs: Int = 5
+    var lingerMs: Int = ProducerTuning.milliseconds(ProducerTuning.defaultLinger)
 
     /// The producer settings these options choose, for every producer of this process.
     var tuning: ProducerTuning {
