@@ -170,11 +170,15 @@ def free_port():
         return s.getsockname()[1]
 
 
-INGEST_COUNTERS = {"sluice_ingest_router_refusals_total": "refused", "sluice_ingest_spool_read_back_total": "read_back"}
+INGEST_COUNTERS = {"sluice_ingest_router_refusals_total": "refused", "sluice_ingest_spool_read_back_total": "read_back",
+                   "sluice_ingest_spool_commit_seconds_count": "commits",
+                   "sluice_ingest_spool_committed_operations_total": "committed_operations"}
+CHURN = ("refused", "read_back")
 
 
 def ingest_counters(url):
-    """Ingest's churn counters (router refusals, deliveries read back from the spool), or {}."""
+    """Ingest's churn counters (router refusals, deliveries read back from the spool) and its spool's
+    group commits (commits, operations committed), or {}."""
     try:
         with urllib.request.urlopen(url + "/metrics", timeout=5) as f:
             text = f.read().decode()
@@ -186,6 +190,14 @@ def ingest_counters(url):
         if name in INGEST_COUNTERS:
             found[INGEST_COUNTERS[name]] = float(value)
     return found
+
+
+def group_size(r):
+    """", spool commits N/s of M operations" from a step's ingest counters, or ""."""
+    c = r.get("ingest", {})
+    if not c.get("commits"):
+        return ""
+    return f"; spool commits {c['commits']:,.0f}/s of {c.get('committed_operations', 0) / c['commits']:.1f} operations each"
 
 
 def wait_http(url, timeout, procs):
@@ -288,7 +300,8 @@ class Mode:
                 say(f"warning: {system} {load}: {r['delivered_msgs']} of {expected:.0f} expected messages arrived")
             say(f"{self.name} {system} {load}: accepted {r['accepted_eps']:,.0f} ev/s, delivered {r['delivered_eps']:,.0f} "
                 f"ev/s (drain {r['drain_s']:.1f} s), p99 {r['p99']:.1f} ms, not 202: {r['not_202']}"
-                + "".join(f", {k.replace('_', ' ')} {v:,.0f}/s" for k, v in r.get("ingest", {}).items()))
+                + "".join(f", {k.replace('_', ' ')} {v:,.0f}/s" for k, v in r.get("ingest", {}).items() if k in CHURN)
+                + group_size(r))
         else:
             say(f"{self.name} {system} {load}: {r['req_s']:,.0f} req/s, {r['body_mb_s']:.0f} MB/s of bodies, "
                 f"p99 {r['p99']:.1f} ms, not 202: {r['not_202']}")
@@ -375,6 +388,8 @@ class Mode:
                          f"settings: {{send_as_batch: {str(self.send_as_batch).lower()}}}}}")
         config.write_text("\n".join(lines) + "\n")
         common = ["--run-dir", str(self.dir), "--config", str(config), "--log-level", o.log_level]
+        if o.scheduling != "normal":
+            common += ["--cpu-scheduling", o.scheduling]
         procs = [Proc("router", [str(o.bin_dir / "router")] + common, self.dir)]
         procs += [Proc(f"kafka-out-{i}", [str(o.bin_dir / "kafka-out"), "run", "--instance", f"kafka-out-{i}"] + common,
                        self.dir) for i in range(o.kafka_outs)]
@@ -425,7 +440,7 @@ class Mode:
         o = self.opts
         base = self.cluster.delivered(self.topics("raw"))
         cpu0 = self.cluster_proc.cpu()
-        out, err, status = run_child([str(o.raw_producer), "-b", self.bootstrap, "-f", str(sample),
+        out, err, status = run_child(o.baseline_prefix + [str(o.raw_producer), "-b", self.bootstrap, "-f", str(sample),
                                       "-s", str(min(o.duration, 10))] + (["-r", f"{rate:.0f}"] if rate else []) + list(flags))
         if status != 0:
             raise RuntimeError(f"raw_producer failed ({status}): {err.strip()} {out.strip()}")
@@ -448,7 +463,7 @@ class Mode:
         tenants.write_text(json.dumps([{"api_key": k, "api_secret": s, "topic": f"{system}-t{i}"}
                                        for i, (k, s) in enumerate(self.creds)]))
         port = free_port()
-        peer = Proc(f"peer-{ack}", [sys.executable, str(BENCH / "baselines" / "peer_forwarder.py"),
+        peer = Proc(f"peer-{ack}", o.baseline_prefix + [sys.executable, str(BENCH / "baselines" / "peer_forwarder.py"),
                                     "--listen", f"127.0.0.1:{port}", "--bootstrap", self.bootstrap,
                                     "--tenants", str(tenants), "--mode", "batch" if self.send_as_batch else "event",
                                     "--ack", ack], self.dir)
@@ -469,7 +484,7 @@ class Mode:
     def run_sink(self):
         o = self.opts
         port = free_port()
-        sink = Proc("http-sink", [str(o.http_sink_binary), str(port)], self.dir)
+        sink = Proc("http-sink", o.baseline_prefix + [str(o.http_sink_binary), str(port)], self.dir)
         url = f"http://127.0.0.1:{port}"
         try:
             wait_http(url + "/healthz", 30, [sink])
@@ -554,7 +569,7 @@ def mode_report(m):
                           f"(goal ≥ 3×, bar ≥ 2×)")
     if s and s.get("ingest"):
         ratios.append("Sluice at max, ingest's churn: " + ", ".join(
-            f"{k.replace('_', ' ')} {v:,.0f} deliveries/s" for k, v in s["ingest"].items()))
+            f"{k.replace('_', ' ')} {v:,.0f} deliveries/s" for k, v in s["ingest"].items() if k in CHURN) + group_size(s))
     half = by.get(("sluice", "50%"))
     if half:
         ratios.append(f"Sluice p99 at 50% load: {half['p99']:.2f} ms (target ≤ 10 ms)")
@@ -640,6 +655,9 @@ def report(modes, opts, started):
             ("- Spool on tmpfs (/dev/shm, --spool-tmpfs): fsyncs cost nothing and nothing is durable; "
              "compare with a run on disk for the cost of the flushes" if opts.spool_tmpfs else
              "- fsync after a 16 KB write where the spool lives: p50 %.2f ms, p99 %.2f ms, max %.2f ms" % opts.fsync)]
+    if opts.scheduling != "normal":
+        head.append(f"- CPU scheduling: Sluice's processes and the baselines (raw producer, peer, HTTP ceiling) "
+                    f"{opts.scheduling} (`--scheduling`); the dev cluster and wrk normal")
     if opts.broker_rtt:
         head.append(f"- The dev cluster's brokers answer every request {opts.broker_rtt} ms late (--broker-rtt)")
     head.append("")
@@ -685,6 +703,10 @@ def parse_args():
     p.add_argument("--soak", type=int, default=0, metavar="SECONDS",
                    help="after the paced steps, run Sluice at 50%% load this long sampling RSS (e.g. 600)")
     p.add_argument("--bin-dir", default=str(ROOT / ".build" / "release"))
+    p.add_argument("--scheduling", choices=["normal", "batch"], default="normal",
+                   help="CPU scheduling policy of Sluice's processes (--cpu-scheduling) and, the same way, of "
+                        "the baselines (raw producer, peer, HTTP ceiling; batch: under chrt -b 0); the dev "
+                        "cluster and wrk run normal")
     p.add_argument("--log-level", default="info", help="Sluice's log level")
     p.add_argument("--record", nargs="?", const=str(ROOT / "docs" / "BENCHMARKS.md"), metavar="FILE",
                    help="append the report to FILE (default docs/BENCHMARKS.md)")
@@ -725,6 +747,11 @@ def main():
     opts.raw_producer = work / "raw_producer"
     subprocess.run(["gcc", "-O2", "-o", str(opts.raw_producer), str(BENCH / "baselines" / "raw_producer.c"),
                     "-lrdkafka"], check=True)
+    opts.baseline_prefix = ["chrt", "-b", "0"] if opts.scheduling == "batch" else []
+    if opts.scheduling != "normal":
+        help_text = subprocess.run([str(opts.bin_dir / "ingest"), "serve", "--help"], capture_output=True, text=True).stdout
+        if "--cpu-scheduling" not in help_text:
+            sys.exit(f"bench: the binaries in {opts.bin_origin} have no --cpu-scheduling (built before session 21)")
     opts.http_sink_binary = work / "http_sink"
     subprocess.run(["gcc", "-O2", "-o", str(opts.http_sink_binary), str(BENCH / "baselines" / "http_sink.c")], check=True)
     modes, ok = [], False
