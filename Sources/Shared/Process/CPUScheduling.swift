@@ -51,14 +51,4 @@ public enum CPUScheduling: String, CaseIterable, ExpressibleByArgument, Sendable
         return nil
         #endif
     }
-
-    /// The policy of the calling thread, when it is one of these (for tests).
-    public static var current: CPUScheduling? {
-        #if os(Linux)
-        let policy = sched_getscheduler(0)
-        return allCases.first { $0.linuxPolicy == policy }
-        #else
-        return nil
-        #endif
-    }
 }
