@@ -391,7 +391,8 @@ class Mode:
         if o.scheduling != "normal":
             common += ["--cpu-scheduling", o.scheduling]
         procs = [Proc("router", [str(o.bin_dir / "router")] + common, self.dir)]
-        procs += [Proc(f"kafka-out-{i}", [str(o.bin_dir / "kafka-out"), "run", "--instance", f"kafka-out-{i}"] + common,
+        procs += [Proc(f"kafka-out-{i}", [str(o.bin_dir / "kafka-out"), "run", "--instance", f"kafka-out-{i}"] + common
+                       + shlex.split(o.kafka_out_args),
                        self.dir) for i in range(o.kafka_outs)]
         procs.append(Proc("keen-out", [str(o.bin_dir / "keen-out")] + common, self.dir))
         spool = Path(tempfile.mkdtemp(prefix="sluice-spool-", dir="/dev/shm")) if o.spool_tmpfs else self.dir / "spool"
@@ -658,6 +659,8 @@ def report(modes, opts, started):
     if opts.scheduling != "normal":
         head.append(f"- CPU scheduling: Sluice's processes and the baselines (raw producer, peer, HTTP ceiling) "
                     f"{opts.scheduling} (`--scheduling`); the dev cluster and wrk normal")
+    if opts.kafka_out_args:
+        head.append(f"- kafka-out run with `{opts.kafka_out_args}`")
     if opts.broker_rtt:
         head.append(f"- The dev cluster's brokers answer every request {opts.broker_rtt} ms late (--broker-rtt)")
     head.append("")
@@ -693,6 +696,8 @@ def parse_args():
     p.add_argument("--broker-rtt", type=int, default=0, metavar="MS",
                    help="the dev cluster's brokers answer every request MS ms late (a remote cluster's round trip)")
     p.add_argument("--kafka-outs", type=int, default=1, help="kafka-out instances")
+    p.add_argument("--kafka-out-args", default="", metavar="ARGS",
+                   help="more arguments for each kafka-out (e.g. '--linger-ms 10')")
     p.add_argument("--paced", default="0.5,0.25", help="paced steps as fractions of the sustained max (quick: 0.5)")
     p.add_argument("--peer-acks", default="confirmed,queued")
     p.add_argument("--spool-tmpfs", action="store_true",
