@@ -18,8 +18,11 @@ public struct DeliveryReport: Sendable {
 public final class KafkaProducer: @unchecked Sendable {
     private let handle: OpaquePointer
     private let events: EventQueue
+    /// Holds each partition's next messages while it has some in flight (nil: off, see
+    /// `ProducerConfiguration.partitionRounds`).
+    private let rounds: PartitionRounds?
     private let lock = NSLock()
-    private var topics: [String: OpaquePointer] = [:]
+    private var topics: [String: (handle: OpaquePointer, rounds: PartitionRounds.Topic?)] = [:]
     public let configuration: ProducerConfiguration
 
     public init(
@@ -48,14 +51,31 @@ public final class KafkaProducer: @unchecked Sendable {
         handle = rk
         let queue = rd_kafka_queue_get_main(rk)!
         rd_kafka_set_log_queue(rk, queue)
-        events = EventQueue(queue: queue, logger: logger, onStatistics: onStatistics, onError: onError, onDelivery: onDelivery)
+        var onStatistics = onStatistics
+        if configuration.partitionRounds, configuration.statisticsInterval > .zero {
+            let rounds = PartitionRounds(
+                handle: rk, linger: configuration.linger - configuration.librdkafkaLinger,
+                maxHeldMessages: configuration.queueMaxMessages, maxHeldBytes: configuration.queueMaxKilobytes * 1024,
+                loop: eventLoop, onFailed: onDelivery)
+            let forward = onStatistics
+            onStatistics = { stats in
+                rounds.update(partitionCounts: stats.partitionCounts)
+                forward?(stats)
+            }
+            self.rounds = rounds
+        } else {
+            rounds = nil
+        }
+        events = EventQueue(
+            queue: queue, logger: logger, rounds: rounds, onStatistics: onStatistics, onError: onError, onDelivery: onDelivery)
         events.start(on: eventLoop)
     }
 
     deinit {
         // Destroyed once nothing serves the event queue any more (librdkafka's own threads are
         // joined there, off this thread).
-        let handles = Handles(producer: handle, queue: events.queue, topics: Array(topics.values))
+        rounds?.stop()
+        let handles = Handles(producer: handle, queue: events.queue, topics: topics.values.map(\.handle))
         events.stop { handles.destroy() }
     }
 
@@ -73,8 +93,11 @@ public final class KafkaProducer: @unchecked Sendable {
     /// A fatal error (e.g. the idempotent producer lost its state): this producer can send no more.
     public var fatalError: KafkaError? { events.fatalError }
 
-    /// Messages handed to librdkafka and not yet reported.
-    public var outstanding: Int { Int(rd_kafka_outq_len(handle)) }
+    /// Messages held for their partition's next round (`ProducerConfiguration.partitionRounds`).
+    public var held: Int { rounds?.held ?? 0 }
+
+    /// Messages handed to librdkafka, or held for their partition's round, and not yet reported.
+    public var outstanding: Int { Int(rd_kafka_outq_len(handle)) + (rounds?.held ?? 0) }
 
     /// Hands one message to librdkafka (copied). Throws `_QUEUE_FULL` (retriable) when librdkafka's
     /// queue is full: wait for deliveries and try again.
@@ -85,52 +108,24 @@ public final class KafkaProducer: @unchecked Sendable {
         try produce(topic: self.topic(topic), key: key, value: value, headers: KafkaHeaders(headers), id: id)
     }
 
-    /// Hands one message to librdkafka (copied), with `headers` and, when given, one more header
-    /// (`extra`: a NUL-terminated name and the value's bytes) — without allocating: the path every
-    /// message of a frame takes. Throws `_QUEUE_FULL` (retriable) when librdkafka's queue is full.
+    /// Hands one message to librdkafka (copied) — or holds it for its partition's next round —,
+    /// with `headers` and, when given, one more header (`extra`: a NUL-terminated name and the
+    /// value's bytes): the path every message of a frame takes. Throws `_QUEUE_FULL` (retriable)
+    /// when librdkafka's queue (or what is held) is full.
     public func produce(
         topic: KafkaTopic, key: UnsafeRawBufferPointer?, value: UnsafeRawBufferPointer, headers: KafkaHeaders,
         extra: (name: UnsafePointer<CChar>, value: UnsafeRawBufferPointer)? = nil, id: UInt64
     ) throws(KafkaError) {
         precondition(topic.producer == ObjectIdentifier(self), "a topic of another producer")
-        let count = 5 + headers.count + (extra == nil ? 0 : 1)
-        let err: OpaquePointer? = withUnsafeTemporaryAllocation(of: rd_kafka_vu_t.self, capacity: count) { vus in
-            vus.initialize(repeating: rd_kafka_vu_t())
-            vus[0].vtype = RD_KAFKA_VTYPE_RKT
-            vus[0].u.rkt = topic.handle
-            vus[1].vtype = RD_KAFKA_VTYPE_VALUE
-            vus[1].u.mem.ptr = UnsafeMutableRawPointer(mutating: value.baseAddress)
-            vus[1].u.mem.size = value.count
-            vus[2].vtype = RD_KAFKA_VTYPE_KEY
-            vus[2].u.mem.ptr = key.flatMap { UnsafeMutableRawPointer(mutating: $0.baseAddress) }
-            vus[2].u.mem.size = key?.count ?? 0
-            vus[3].vtype = RD_KAFKA_VTYPE_OPAQUE
-            vus[3].u.ptr = UnsafeMutableRawPointer(bitPattern: UInt(id))
-            vus[4].vtype = RD_KAFKA_VTYPE_MSGFLAGS
-            vus[4].u.i = RD_KAFKA_MSG_F_COPY
-            var n = 5
-            for i in 0..<headers.count {
-                vus[n].vtype = RD_KAFKA_VTYPE_HEADER
-                vus[n].u.header.name = UnsafePointer(headers.names[i])
-                vus[n].u.header.val = UnsafeRawPointer(headers.values[i])
-                vus[n].u.header.size = headers.sizes[i]
-                n += 1
-            }
-            if let extra {
-                vus[n].vtype = RD_KAFKA_VTYPE_HEADER
-                vus[n].u.header.name = extra.name
-                // librdkafka reads `size` bytes; a null value pointer would mean a null header.
-                vus[n].u.header.val = extra.value.baseAddress ?? UnsafeRawPointer(extra.name)
-                vus[n].u.header.size = extra.value.count
-            }
-            return rd_kafka_produceva(handle, vus.baseAddress, count)
+        if let rounds, let t = topic.rounds {
+            try rounds.produce(t, key: key, value: value, headers: headers, extra: extra, id: id)
+            return
         }
-        if let err {
-            let code = rd_kafka_error_code(err)
-            let message = String(cString: rd_kafka_error_string(err))
-            let fatal = rd_kafka_error_is_fatal(err) != 0
-            rd_kafka_error_destroy(err)
-            throw KafkaError(code, message: message, isFatal: fatal)
+        if let err = produceMessage(
+            handle, topic: topic.handle, partition: RD_KAFKA_PARTITION_UA, key: key, value: value, ownsValue: false,
+            headers: headers, extra: extra, opaque: id)
+        {
+            throw err
         }
     }
 
@@ -138,18 +133,30 @@ public final class KafkaProducer: @unchecked Sendable {
     public func topic(_ name: String) throws(KafkaError) -> KafkaTopic {
         lock.lock()
         defer { lock.unlock() }
-        if let t = topics[name] { return KafkaTopic(handle: t, producer: ObjectIdentifier(self)) }
-        guard let t = rd_kafka_topic_new(handle, name, nil) else {
+        if let t = topics[name] { return KafkaTopic(handle: t.handle, rounds: t.rounds, producer: ObjectIdentifier(self)) }
+        // The topic's opaque is its rounds, for the delivery reports (librdkafka keeps it, unretained).
+        let roundsTopic = rounds.map { _ in PartitionRounds.Topic(name: name) }
+        // The producer's topic settings (message.timeout.ms, acks) apply: a copy of its defaults.
+        let conf = rd_kafka_default_topic_conf_dup(handle)!
+        if let roundsTopic { rd_kafka_topic_conf_set_opaque(conf, Unmanaged.passUnretained(roundsTopic).toOpaque()) }
+        guard let t = rd_kafka_topic_new(handle, name, conf) else {
             throw KafkaError(rd_kafka_last_error(), message: "cannot use topic '\(name)'")
         }
-        topics[name] = t
-        return KafkaTopic(handle: t, producer: ObjectIdentifier(self))
+        // (A topic librdkafka already had keeps its first settings: no rounds for it.)
+        let roundsTopicSet = roundsTopic.flatMap { rd_kafka_topic_opaque(t) == Unmanaged.passUnretained($0).toOpaque() ? $0 : nil }
+        if let roundsTopic = roundsTopicSet {
+            roundsTopic.handle = t
+            rounds?.add(roundsTopic)
+        }
+        topics[name] = (t, roundsTopicSet)
+        return KafkaTopic(handle: t, rounds: roundsTopicSet, producer: ObjectIdentifier(self))
     }
 
     /// Waits (blocking this thread) until everything handed over is delivered or `timeout` passes.
     /// Returns the number of messages still outstanding.
     @discardableResult
     public func flush(timeout: Duration) -> Int {
+        rounds?.drain()
         _ = rd_kafka_flush(handle, Int32(ProducerConfiguration.milliseconds(timeout)) ?? 0)
         return outstanding
     }
@@ -166,6 +173,7 @@ final class EventQueue: @unchecked Sendable {
     let queue: OpaquePointer
     private let logger: Logger
     private let onDelivery: @Sendable ([DeliveryReport]) -> Void
+    private let rounds: PartitionRounds?
     private let onStatistics: (@Sendable (ProducerStatistics) -> Void)?
     private let onError: (@Sendable (KafkaError) -> Void)?
     private let lock = NSLock()
@@ -182,17 +190,20 @@ final class EventQueue: @unchecked Sendable {
     private var stopped = false
     private var onStopped: (@Sendable () -> Void)?
 
-    /// The reports of one event (reused: only the serving thread or loop touches it).
+    /// The reports of one event (reused: only the serving thread or loop touches it), and those
+    /// of its messages that came by a partition's round.
     private var reports: [DeliveryReport] = []
+    private var roundReports: [(topic: UnsafeMutableRawPointer, partition: Int32)] = []
 
     /// Events handled per turn of the loop before it runs its other work.
     static let eventsPerTurn = 64
 
     init(
-        queue: OpaquePointer, logger: Logger, onStatistics: (@Sendable (ProducerStatistics) -> Void)?,
+        queue: OpaquePointer, logger: Logger, rounds: PartitionRounds?, onStatistics: (@Sendable (ProducerStatistics) -> Void)?,
         onError: (@Sendable (KafkaError) -> Void)?, onDelivery: @escaping @Sendable ([DeliveryReport]) -> Void
     ) {
         self.queue = queue
+        self.rounds = rounds
         self.onStatistics = onStatistics
         self.onError = onError
         self.logger = logger
@@ -341,13 +352,19 @@ final class EventQueue: @unchecked Sendable {
         switch Int32(rd_kafka_event_type(event)) {
         case RD_KAFKA_EVENT_DR:
             reports.removeAll(keepingCapacity: true)
+            roundReports.removeAll(keepingCapacity: true)
             while let message = rd_kafka_event_message_next(event) {
                 let m = message.pointee
                 // Not rd_kafka_message_errstr: for a producer's message it returns the payload.
                 let error: KafkaError? = m.err == RD_KAFKA_RESP_ERR_NO_ERROR ? nil : KafkaError(m.err)
+                let opaque = UInt64(UInt(bitPattern: m._private))
+                if opaque & PartitionRounds.roundBit != 0, let rkt = m.rkt, let topic = rd_kafka_topic_opaque(rkt) {
+                    roundReports.append((topic, m.partition))
+                }
                 reports.append(
-                    DeliveryReport(id: UInt64(UInt(bitPattern: m._private)), error: error, partition: m.partition, offset: m.offset))
+                    DeliveryReport(id: opaque & ~PartitionRounds.roundBit, error: error, partition: m.partition, offset: m.offset))
             }
+            if !roundReports.isEmpty { rounds?.settled(roundReports) }
             if !reports.isEmpty { onDelivery(reports) }
         case RD_KAFKA_EVENT_LOG:
             var facility: UnsafePointer<CChar>?
@@ -394,7 +411,60 @@ final class EventQueue: @unchecked Sendable {
 /// for many messages. Use it only with the producer it came from, while holding that producer.
 public struct KafkaTopic: @unchecked Sendable {
     let handle: OpaquePointer
+    let rounds: PartitionRounds.Topic?
     let producer: ObjectIdentifier
+}
+
+/// Hands one message to librdkafka (`rd_kafka_produceva`): to `partition` (`RD_KAFKA_PARTITION_UA`:
+/// librdkafka's partitioner chooses), the value copied — or taken over when `ownsValue` (a
+/// `malloc`ed block librdkafka frees; still the caller's if refused) —, with `headers` and, when
+/// given, one more header (`extra`: a NUL-terminated name and the value's bytes), without
+/// allocating. Returns librdkafka's refusal.
+func produceMessage(
+    _ handle: OpaquePointer, topic: OpaquePointer, partition: Int32, key: UnsafeRawBufferPointer?,
+    value: UnsafeRawBufferPointer, ownsValue: Bool, headers: KafkaHeaders,
+    extra: (name: UnsafePointer<CChar>, value: UnsafeRawBufferPointer)?, opaque: UInt64
+) -> KafkaError? {
+    let count = 6 + headers.count + (extra == nil ? 0 : 1)
+    let err: OpaquePointer? = withUnsafeTemporaryAllocation(of: rd_kafka_vu_t.self, capacity: count) { vus in
+        vus.initialize(repeating: rd_kafka_vu_t())
+        vus[0].vtype = RD_KAFKA_VTYPE_RKT
+        vus[0].u.rkt = topic
+        vus[1].vtype = RD_KAFKA_VTYPE_VALUE
+        vus[1].u.mem.ptr = UnsafeMutableRawPointer(mutating: value.baseAddress)
+        vus[1].u.mem.size = value.count
+        vus[2].vtype = RD_KAFKA_VTYPE_KEY
+        vus[2].u.mem.ptr = key.flatMap { UnsafeMutableRawPointer(mutating: $0.baseAddress) }
+        vus[2].u.mem.size = key?.count ?? 0
+        vus[3].vtype = RD_KAFKA_VTYPE_OPAQUE
+        vus[3].u.ptr = UnsafeMutableRawPointer(bitPattern: UInt(opaque))
+        vus[4].vtype = RD_KAFKA_VTYPE_MSGFLAGS
+        vus[4].u.i = ownsValue ? RD_KAFKA_MSG_F_FREE : RD_KAFKA_MSG_F_COPY
+        vus[5].vtype = RD_KAFKA_VTYPE_PARTITION
+        vus[5].u.i32 = partition
+        var n = 6
+        for i in 0..<headers.count {
+            vus[n].vtype = RD_KAFKA_VTYPE_HEADER
+            vus[n].u.header.name = UnsafePointer(headers.names[i])
+            vus[n].u.header.val = UnsafeRawPointer(headers.values[i])
+            vus[n].u.header.size = headers.sizes[i]
+            n += 1
+        }
+        if let extra {
+            vus[n].vtype = RD_KAFKA_VTYPE_HEADER
+            vus[n].u.header.name = extra.name
+            // librdkafka reads `size` bytes; a null value pointer would mean a null header.
+            vus[n].u.header.val = extra.value.baseAddress ?? UnsafeRawPointer(extra.name)
+            vus[n].u.header.size = extra.value.count
+        }
+        return rd_kafka_produceva(handle, vus.baseAddress, count)
+    }
+    guard let err else { return nil }
+    let code = rd_kafka_error_code(err)
+    let message = String(cString: rd_kafka_error_string(err))
+    let fatal = rd_kafka_error_is_fatal(err) != 0
+    rd_kafka_error_destroy(err)
+    return KafkaError(code, message: message, isFatal: fatal)
 }
 
 /// Message headers as C strings, made once and used for every message of a frame.

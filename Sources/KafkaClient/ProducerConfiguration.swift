@@ -52,6 +52,15 @@ public struct ProducerConfiguration: Sendable, Equatable, Hashable {
     public var statisticsInterval: Duration = .seconds(5)
     /// Produce requests in flight per broker connection (librdkafka's default, 5, when nil).
     public var maxInFlight: Int?
+    /// Hold each partition's next messages while it has 5 or more in flight (`PartitionRounds`),
+    /// so that librdkafka's idempotent producer does not poll its sockets without pause meanwhile.
+    /// Off by default: it pays with batches and far brokers, costs a little per event
+    /// (docs/BENCHMARKS.md, "Session 22").
+    public var partitionRounds = false
+
+    /// The part of `linger` librdkafka keeps: with partition rounds half a millisecond (the rest
+    /// is spent holding the messages), else all of it.
+    public var librdkafkaLinger: Duration { partitionRounds ? min(linger, .microseconds(500)) : linger }
 
     public init(bootstrapServers: String, securityProtocol: SecurityProtocol, sasl: SASL? = nil, tls: TLS = TLS()) {
         self.bootstrapServers = bootstrapServers
@@ -61,6 +70,12 @@ public struct ProducerConfiguration: Sendable, Equatable, Hashable {
     }
 
     static func milliseconds(_ d: Duration) -> String { String(ProducerTuning.milliseconds(d)) }
+    /// `d` in milliseconds, to the microsecond (librdkafka's `linger.ms` takes a fraction).
+    static func fractionalMilliseconds(_ d: Duration) -> String {
+        let (seconds, attoseconds) = d.components
+        let microseconds = seconds * 1_000_000 + attoseconds / 1_000_000_000_000
+        return microseconds % 1000 == 0 ? String(microseconds / 1000) : String(Double(microseconds) / 1000)
+    }
 
     /// The librdkafka properties, in the order they are applied.
     public var properties: [(key: String, value: String)] {
@@ -71,7 +86,7 @@ public struct ProducerConfiguration: Sendable, Equatable, Hashable {
             ("acks", "all"),
             ("enable.idempotence", "true"),
             ("message.timeout.ms", Self.milliseconds(messageTimeout)),
-            ("linger.ms", Self.milliseconds(linger)),
+            ("linger.ms", Self.fractionalMilliseconds(librdkafkaLinger)),
             // Messages without a key (batches without an MPID) each go to a random partition (seed 000),
             // rather than sticking to one partition for a while.
             ("sticky.partitioning.linger.ms", "0"),
@@ -117,16 +132,23 @@ public struct ProducerTuning: Sendable, Equatable {
     public var linger: Duration
     /// Produce requests in flight per broker connection; nil: librdkafka's default (5).
     public var maxInFlight: Int?
+    /// See `ProducerConfiguration.partitionRounds`.
+    public var partitionRounds: Bool
 
-    public init(messageTimeout: Duration = defaultMessageTimeout, linger: Duration = defaultLinger, maxInFlight: Int? = nil) {
+    public init(
+        messageTimeout: Duration = defaultMessageTimeout, linger: Duration = defaultLinger, maxInFlight: Int? = nil,
+        partitionRounds: Bool = false
+    ) {
         self.messageTimeout = messageTimeout
         self.linger = linger
         self.maxInFlight = maxInFlight
+        self.partitionRounds = partitionRounds
     }
 
     public func apply(to configuration: inout ProducerConfiguration) {
         configuration.messageTimeout = messageTimeout
         configuration.linger = linger
         configuration.maxInFlight = maxInFlight
+        configuration.partitionRounds = partitionRounds
     }
 }

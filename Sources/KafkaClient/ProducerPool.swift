@@ -36,7 +36,8 @@ private struct Pending {
 /// The groups in flight, by number; a message's id is its group's number and its index.
 private struct PendingGroups {
     static let indexBits: UInt64 = 20
-    static let maxNumber: UInt64 = (1 << (64 - indexBits)) - 1
+    /// 43 bits: a message id's top bit is the producer's (`PartitionRounds.roundBit`).
+    static let maxNumber: UInt64 = (1 << (63 - indexBits)) - 1
     var groups: [UInt64: Pending] = [:]
 
     /// Settles the messages; returns the groups now complete (removed).
@@ -168,7 +169,7 @@ public final class ProducerPool<Context: Sendable>: @unchecked Sendable {
         precondition(count > 0 && count <= Self.maxGroupSize, "a group has 1...\(Self.maxGroupSize) messages")
         return lock.withLock {
             let number = nextGroup
-            // 44 bits of group number (the other 20 are the index); wraps after 2^44 groups.
+            // 43 bits of group number (20 are the index, 1 the producer's); wraps after 2^43 groups.
             nextGroup = nextGroup == PendingGroups.maxNumber ? 1 : nextGroup + 1
             pending.groups[number] = Pending(producer: ObjectIdentifier(producer), count: count)
             contexts[number] = context

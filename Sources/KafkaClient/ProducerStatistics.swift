@@ -10,12 +10,19 @@ public struct ProducerStatistics: Sendable, Equatable {
     /// The highest average and p99 round trip over the brokers this producer talks to (seconds).
     public var brokerRoundTripAverage: Double
     public var brokerRoundTripP99: Double
+    /// Each topic's partition count, as the brokers' metadata gave it (topics without metadata yet
+    /// are left out).
+    public var partitionCounts: [String: Int]
 
-    public init(queuedMessages: Int, queuedBytes: Int, brokerRoundTripAverage: Double, brokerRoundTripP99: Double) {
+    public init(
+        queuedMessages: Int, queuedBytes: Int, brokerRoundTripAverage: Double, brokerRoundTripP99: Double,
+        partitionCounts: [String: Int] = [:]
+    ) {
         self.queuedMessages = queuedMessages
         self.queuedBytes = queuedBytes
         self.brokerRoundTripAverage = brokerRoundTripAverage
         self.brokerRoundTripP99 = brokerRoundTripP99
+        self.partitionCounts = partitionCounts
     }
 
     public init?(json: Data) {
@@ -32,5 +39,16 @@ public struct ProducerStatistics: Sendable, Equatable {
         }
         brokerRoundTripAverage = average
         brokerRoundTripP99 = p99
+        var counts: [String: Int] = [:]
+        for (name, topic) in root["topics"] as? [String: Any] ?? [:] {
+            // Partition "-1" is librdkafka's queue for messages not yet partitioned; "unknown" ones
+            // are not in the metadata.
+            let partitions = (topic as? [String: Any])?["partitions"] as? [String: Any] ?? [:]
+            let known = partitions.filter { id, p in
+                (Int(id) ?? -1) >= 0 && !(((p as? [String: Any])?["unknown"] as? NSNumber)?.boolValue ?? false)
+            }
+            if !known.isEmpty { counts[name] = known.count }
+        }
+        partitionCounts = counts
     }
 }

@@ -33,12 +33,17 @@ struct Run: AsyncParsableCommand {
     @Option(help: "Produce requests in flight per broker connection (1-5; librdkafka's default 5). Ordering and idempotence hold either way. See README, \"Kafka brokers far away\".")
     var maxInFlight: Int?
 
-    @Option(help: "How long librdkafka waits to fill a produce request (ms). See README, \"Kafka brokers far away\".")
+    @Option(help: "How long a message waits for others to fill a produce request (ms). See README, \"Kafka brokers far away\".")
     var lingerMs: Int = ProducerTuning.milliseconds(ProducerTuning.defaultLinger)
+
+    @Flag(help: "Hand each partition's messages to librdkafka in rounds, holding them while it has 5 or more in flight, so that librdkafka does not poll its sockets without pause meanwhile. See README, \"Kafka brokers far away\".")
+    var partitionRounds = false
 
     /// The producer settings these options choose, for every producer of this process.
     var tuning: ProducerTuning {
-        ProducerTuning(messageTimeout: .milliseconds(messageTimeoutMs), linger: .milliseconds(lingerMs), maxInFlight: maxInFlight)
+        ProducerTuning(
+            messageTimeout: .milliseconds(messageTimeoutMs), linger: .milliseconds(lingerMs), maxInFlight: maxInFlight,
+            partitionRounds: partitionRounds)
     }
 
     func validate() throws {

@@ -27,9 +27,10 @@ final class ProducerConfigurationTests: XCTestCase {
 
     func testKafkaOutOptionsReachEveryProducer() throws {
         var config = ProducerConfiguration(destination: KafkaDestination(bootstrapServers: "x:1", topic: "t"), bootstrapServers: "b:1")
-        try Run.parse(["--linger-ms", "20", "--max-in-flight", "1", "--message-timeout-ms", "2000"]).tuning.apply(to: &config)
+        try Run.parse(["--linger-ms", "20", "--max-in-flight", "1", "--message-timeout-ms", "2000", "--partition-rounds"]).tuning.apply(to: &config)
         let p = Dictionary(config.properties.map { ($0.key, $0.value) }, uniquingKeysWith: { a, _ in a })
-        XCTAssertEqual(p["linger.ms"], "20")
+        XCTAssertEqual(config.linger, .milliseconds(20))
+        XCTAssertEqual(p["linger.ms"], "0.5", "with partition rounds librdkafka keeps half a millisecond of the linger")
         XCTAssertEqual(p["max.in.flight.requests.per.connection"], "1")
         XCTAssertEqual(p["message.timeout.ms"], "2000")
         XCTAssertEqual(p["enable.idempotence"], "true", "tuning never turns idempotence off")
@@ -38,7 +39,13 @@ final class ProducerConfigurationTests: XCTestCase {
         try Run.parse([]).tuning.apply(to: &defaults)
         let d = Dictionary(defaults.properties.map { ($0.key, $0.value) }, uniquingKeysWith: { a, _ in a })
         XCTAssertEqual(d["linger.ms"], "5")
+        XCTAssertFalse(defaults.partitionRounds)
         XCTAssertNil(d["max.in.flight.requests.per.connection"], "librdkafka's default (5)")
+
+        var withoutRounds = ProducerConfiguration(destination: KafkaDestination(bootstrapServers: "x:1", topic: "t"), bootstrapServers: "b:1")
+        try Run.parse(["--linger-ms", "20"]).tuning.apply(to: &withoutRounds)
+        XCTAssertFalse(withoutRounds.partitionRounds)
+        XCTAssertEqual(withoutRounds.properties.first { $0.key == "linger.ms" }?.value, "20", "librdkafka keeps all of it")
 
         XCTAssertThrowsError(try Run.parse(["--max-in-flight", "6"]), "more than the idempotent producer allows")
         XCTAssertThrowsError(try Run.parse(["--linger-ms", "-1"]))

@@ -183,6 +183,28 @@ final class BrokerOutageTests: XCTestCase {
         XCTAssertEqual(try control(group, "bogus"), "error: unknown command (down, up, rtt MS, errors API_KEY CODE...)")
     }
 
+    /// With `--partition-rounds` (messages held while their partition has 5 in flight): slow
+    /// brokers, dropped connections and an outage longer than the message timeout lose nothing.
+    func testPartitionRoundsLoseNothingThroughSlowBrokersAndAnOutage() throws {
+        let group = try startGroup("rounds", ["--partition-rounds"])
+        let sender = Sender(group, "rounds")
+        try sender.send(10)
+        XCTAssertTrue(try eventually(timeout: 60) { try sender.delivered().count == 10 })
+        Thread.sleep(forTimeInterval: 6)  // the producer's statistics (every 5 s) name the partitions: rounds begin
+        XCTAssertEqual(try control(group, "rtt 300"), "ok")
+        try sender.send(20)
+        XCTAssertEqual(try control(group, "errors 0 -195 -195"), "ok")
+        try sender.send(10)
+        XCTAssertEqual(try control(group, "down"), "ok")
+        try sender.send(10)
+        XCTAssertTrue(
+            eventually(timeout: 30) { group.logs().contains("_MSG_TIMED_OUT") }, "librdkafka expired messages during the outage")
+        XCTAssertEqual(try control(group, "up"), "ok")
+        XCTAssertEqual(try control(group, "rtt 0"), "ok")
+        try sender.send(10)
+        try sender.assertAllArrive()
+    }
+
     /// Produce requests failing with NOT_ENOUGH_REPLICAS and REQUEST_TIMED_OUT: retried, nothing lost.
     ///
     /// kafka-out runs with one request in flight per connection here, because with several
