@@ -122,11 +122,7 @@ final class PartitionRounds: @unchecked Sendable {
                     // Fewer partitions (the topic was made again): what the gone ones hold goes
                     // to librdkafka's partitioner; their reports no longer count.
                     for p in count..<topic.partitions.count {
-                        let gone = topic.partitions[p].held
-                        forget(topic.partitions[p].held)
-                        topic.partitions[p].held = []
-                        topic.partitions[p].heldBytes = 0
-                        hand(gone, topic: topic, partition: RD_KAFKA_PARTITION_UA)
+                        hand(takeHeld(topic, p), topic: topic, partition: RD_KAFKA_PARTITION_UA)
                     }
                     topic.partitions.removeLast(topic.partitions.count - count)
                 }
@@ -199,10 +195,7 @@ final class PartitionRounds: @unchecked Sendable {
         guard !stopped else { return }
         for topic in topics {
             for p in topic.partitions.indices where !topic.partitions[p].held.isEmpty {
-                let all = topic.partitions[p].held
-                forget(all)
-                topic.partitions[p].held = []
-                topic.partitions[p].heldBytes = 0
+                let all = takeHeld(topic, p)
                 topic.partitions[p].inFlight += all.count
                 hand(all, topic: topic, partition: Int32(p))
             }
@@ -299,6 +292,15 @@ final class PartitionRounds: @unchecked Sendable {
         if p >= 0, Int(p) < topic.partitions.count, topic.partitions[Int(p)].inFlight < Self.maxInFlight, !failed.isEmpty {
             advance(topic, Int(p))
         }
+    }
+
+    /// Takes every message the partition holds off it.
+    private func takeHeld(_ topic: Topic, _ p: Int) -> [Held] {
+        let all = topic.partitions[p].held
+        forget(all)
+        topic.partitions[p].held = []
+        topic.partitions[p].heldBytes = 0
+        return all
     }
 
     private func forget(_ messages: [Held]) {
