@@ -132,12 +132,12 @@ public struct ProducerTuning: Sendable, Equatable {
     public var linger: Duration
     /// Produce requests in flight per broker connection; nil: librdkafka's default (5).
     public var maxInFlight: Int?
-    /// See `ProducerConfiguration.partitionRounds`.
-    public var partitionRounds: Bool
+    /// Whose producers hold messages in partition rounds (`ProducerConfiguration.partitionRounds`).
+    public var partitionRounds: PartitionRoundsScope
 
     public init(
         messageTimeout: Duration = defaultMessageTimeout, linger: Duration = defaultLinger, maxInFlight: Int? = nil,
-        partitionRounds: Bool = false
+        partitionRounds: PartitionRoundsScope = .off
     ) {
         self.messageTimeout = messageTimeout
         self.linger = linger
@@ -145,10 +145,20 @@ public struct ProducerTuning: Sendable, Equatable {
         self.partitionRounds = partitionRounds
     }
 
-    public func apply(to configuration: inout ProducerConfiguration) {
+    /// Applies these settings to the producer of a destination that sends whole batches
+    /// (`sendsBatches`, "Send as Batch") or one message per event.
+    public func apply(to configuration: inout ProducerConfiguration, sendsBatches: Bool) {
         configuration.messageTimeout = messageTimeout
         configuration.linger = linger
         configuration.maxInFlight = maxInFlight
-        configuration.partitionRounds = partitionRounds
+        configuration.partitionRounds = partitionRounds == .all || (partitionRounds == .batches && sendsBatches)
     }
+}
+
+/// Which producers hold their messages in partition rounds (`ProducerConfiguration.partitionRounds`):
+/// none, those of destinations that send whole batches ("Send as Batch": few large messages, where
+/// the rounds save librdkafka's busy poll at little cost per message), or all. A destination of
+/// the other kind then has a producer of its own (its configuration differs).
+public enum PartitionRoundsScope: String, Sendable, Hashable, CaseIterable {
+    case off, batches, all
 }

@@ -36,8 +36,8 @@ struct Run: AsyncParsableCommand {
     @Option(help: "How long a message waits for others to fill a produce request (ms). See README, \"Kafka brokers far away\".")
     var lingerMs: Int = ProducerTuning.milliseconds(ProducerTuning.defaultLinger)
 
-    @Flag(help: "Hand each partition's messages to librdkafka in rounds, holding them while it has 5 or more in flight, so that librdkafka does not poll its sockets without pause meanwhile. See README, \"Kafka brokers far away\".")
-    var partitionRounds = false
+    @Option(help: "Whose messages go to librdkafka in partition rounds — held while their partition has 5 or more in flight, so that librdkafka does not poll its sockets without pause meanwhile: off, batches (destinations with Send as Batch), all. See README, \"Kafka brokers far away\".")
+    var partitionRounds: PartitionRoundsScope = .off
 
     /// The producer settings these options choose, for every producer of this process.
     var tuning: ProducerTuning {
@@ -76,3 +76,5 @@ struct Run: AsyncParsableCommand {
         try await group.run()
     }
 }
+
+extension PartitionRoundsScope: ExpressibleByArgument {}

@@ -84,7 +84,7 @@ final class KafkaPublisher: FrameConnectionHandler, Service {
             bootstrap = text
         }
         var configuration = ProducerConfiguration(destination: d, bootstrapServers: bootstrap)
-        tuning.apply(to: &configuration)
+        tuning.apply(to: &configuration, sendsBatches: d.settings.sendAsBatch)
         return configuration
     }
 }

@@ -27,7 +27,8 @@ final class ProducerConfigurationTests: XCTestCase {
 
     func testKafkaOutOptionsReachEveryProducer() throws {
         var config = ProducerConfiguration(destination: KafkaDestination(bootstrapServers: "x:1", topic: "t"), bootstrapServers: "b:1")
-        try Run.parse(["--linger-ms", "20", "--max-in-flight", "1", "--message-timeout-ms", "2000", "--partition-rounds"]).tuning.apply(to: &config)
+        try Run.parse(["--linger-ms", "20", "--max-in-flight", "1", "--message-timeout-ms", "2000", "--partition-rounds", "all"]).tuning.apply(
+            to: &config, sendsBatches: false)
         let p = Dictionary(config.properties.map { ($0.key, $0.value) }, uniquingKeysWith: { a, _ in a })
         XCTAssertEqual(config.linger, .milliseconds(20))
         XCTAssertEqual(p["linger.ms"], "0.5", "with partition rounds librdkafka keeps half a millisecond of the linger")
@@ -36,19 +37,46 @@ final class ProducerConfigurationTests: XCTestCase {
         XCTAssertEqual(p["enable.idempotence"], "true", "tuning never turns idempotence off")
 
         var defaults = ProducerConfiguration(destination: KafkaDestination(bootstrapServers: "x:1", topic: "t"), bootstrapServers: "b:1")
-        try Run.parse([]).tuning.apply(to: &defaults)
+        try Run.parse([]).tuning.apply(to: &defaults, sendsBatches: true)
         let d = Dictionary(defaults.properties.map { ($0.key, $0.value) }, uniquingKeysWith: { a, _ in a })
         XCTAssertEqual(d["linger.ms"], "5")
         XCTAssertFalse(defaults.partitionRounds)
         XCTAssertNil(d["max.in.flight.requests.per.connection"], "librdkafka's default (5)")
 
         var withoutRounds = ProducerConfiguration(destination: KafkaDestination(bootstrapServers: "x:1", topic: "t"), bootstrapServers: "b:1")
-        try Run.parse(["--linger-ms", "20"]).tuning.apply(to: &withoutRounds)
+        try Run.parse(["--linger-ms", "20"]).tuning.apply(to: &withoutRounds, sendsBatches: true)
         XCTAssertFalse(withoutRounds.partitionRounds)
         XCTAssertEqual(withoutRounds.properties.first { $0.key == "linger.ms" }?.value, "20", "librdkafka keeps all of it")
 
+        XCTAssertThrowsError(try Run.parse(["--partition-rounds", "some"]))
         XCTAssertThrowsError(try Run.parse(["--max-in-flight", "6"]), "more than the idempotent producer allows")
         XCTAssertThrowsError(try Run.parse(["--linger-ms", "-1"]))
+    }
+
+    /// `--partition-rounds batches`: the producer of a destination sending whole batches holds its
+    /// messages in rounds; one sending an event per message gets a producer of its own, without
+    /// rounds, whose librdkafka keeps the whole linger.
+    func testPartitionRoundsForBatchesOnlyGiveEachKindItsOwnProducer() throws {
+        let publisher = KafkaPublisher(
+            devBootstrapFile: "/nonexistent", tuning: try Run.parse(["--partition-rounds", "batches"]).tuning,
+            logger: .init(label: "test"))
+        var batches = KafkaConnectionSettings()
+        batches.sendAsBatch = true
+        var events = KafkaConnectionSettings()
+        events.sendAsBatch = false
+        let batchConfig = try publisher.producerConfiguration(
+            for: KafkaDestination(bootstrapServers: "b:1", topic: "t", settings: batches))
+        let eventConfig = try publisher.producerConfiguration(
+            for: KafkaDestination(bootstrapServers: "b:1", topic: "t", settings: events))
+        XCTAssertTrue(batchConfig.partitionRounds)
+        XCTAssertEqual(batchConfig.properties.first { $0.key == "linger.ms" }?.value, "0.5")
+        XCTAssertFalse(eventConfig.partitionRounds)
+        XCTAssertEqual(eventConfig.properties.first { $0.key == "linger.ms" }?.value, "5")
+        XCTAssertNotEqual(batchConfig, eventConfig, "one producer each (the pool keys producers by configuration)")
+
+        let all = KafkaPublisher(
+            devBootstrapFile: "/nonexistent", tuning: try Run.parse(["--partition-rounds", "all"]).tuning, logger: .init(label: "test"))
+        XCTAssertTrue(try all.producerConfiguration(for: KafkaDestination(bootstrapServers: "b:1", topic: "t", settings: events)).partitionRounds)
     }
 
     func testNoUsernameMeansSSL() {

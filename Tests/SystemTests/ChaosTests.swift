@@ -183,10 +183,10 @@ final class BrokerOutageTests: XCTestCase {
         XCTAssertEqual(try control(group, "bogus"), "error: unknown command (down, up, rtt MS, errors API_KEY CODE...)")
     }
 
-    /// With `--partition-rounds` (messages held while their partition has 5 in flight): slow
+    /// With `--partition-rounds batches` (the destination sends batches: they are held while their partition has 5 in flight): slow
     /// brokers, dropped connections and an outage longer than the message timeout lose nothing.
     func testPartitionRoundsLoseNothingThroughSlowBrokersAndAnOutage() throws {
-        let group = try startGroup("rounds", ["--partition-rounds"])
+        let group = try startGroup("rounds", ["--partition-rounds", "batches"])
         let sender = Sender(group, "rounds")
         try sender.send(10)
         XCTAssertTrue(try eventually(timeout: 60) { try sender.delivered().count == 10 })
