@@ -54,8 +54,9 @@ public struct ProducerConfiguration: Sendable, Equatable, Hashable {
     public var maxInFlight: Int?
     /// Hold each partition's next messages while it has 5 or more in flight (`PartitionRounds`),
     /// so that librdkafka's idempotent producer does not poll its sockets without pause meanwhile.
-    /// Off by default: it pays with batches and far brokers, costs a little per event
-    /// (docs/BENCHMARKS.md, "Session 22").
+    /// It pays with batches (less CPU, a lower p99, more delivered) and far brokers, and costs a
+    /// little per event (docs/BENCHMARKS.md, sessions 22–23): kafka-out turns it on for the
+    /// producers of Send-as-Batch destinations (`ProducerTuning.partitionRounds`, `.batches`).
     public var partitionRounds = false
 
     /// The part of `linger` librdkafka keeps: with partition rounds half a millisecond (the rest
@@ -137,7 +138,7 @@ public struct ProducerTuning: Sendable, Equatable {
 
     public init(
         messageTimeout: Duration = defaultMessageTimeout, linger: Duration = defaultLinger, maxInFlight: Int? = nil,
-        partitionRounds: PartitionRoundsScope = .off
+        partitionRounds: PartitionRoundsScope = .batches
     ) {
         self.messageTimeout = messageTimeout
         self.linger = linger

@@ -37,14 +37,17 @@ final class ProducerConfigurationTests: XCTestCase {
         XCTAssertEqual(p["enable.idempotence"], "true", "tuning never turns idempotence off")
 
         var defaults = ProducerConfiguration(destination: KafkaDestination(bootstrapServers: "x:1", topic: "t"), bootstrapServers: "b:1")
-        try Run.parse([]).tuning.apply(to: &defaults, sendsBatches: true)
+        try Run.parse([]).tuning.apply(to: &defaults, sendsBatches: false)
         let d = Dictionary(defaults.properties.map { ($0.key, $0.value) }, uniquingKeysWith: { a, _ in a })
         XCTAssertEqual(d["linger.ms"], "5")
-        XCTAssertFalse(defaults.partitionRounds)
+        XCTAssertFalse(defaults.partitionRounds, "by default no rounds for a destination sending an event per message")
         XCTAssertNil(d["max.in.flight.requests.per.connection"], "librdkafka's default (5)")
+        var batchDefaults = ProducerConfiguration(destination: KafkaDestination(bootstrapServers: "x:1", topic: "t"), bootstrapServers: "b:1")
+        try Run.parse([]).tuning.apply(to: &batchDefaults, sendsBatches: true)
+        XCTAssertTrue(batchDefaults.partitionRounds, "by default rounds for a destination sending batches")
 
         var withoutRounds = ProducerConfiguration(destination: KafkaDestination(bootstrapServers: "x:1", topic: "t"), bootstrapServers: "b:1")
-        try Run.parse(["--linger-ms", "20"]).tuning.apply(to: &withoutRounds, sendsBatches: true)
+        try Run.parse(["--linger-ms", "20", "--partition-rounds", "off"]).tuning.apply(to: &withoutRounds, sendsBatches: true)
         XCTAssertFalse(withoutRounds.partitionRounds)
         XCTAssertEqual(withoutRounds.properties.first { $0.key == "linger.ms" }?.value, "20", "librdkafka keeps all of it")
 
