@@ -36,7 +36,7 @@ struct Run: AsyncParsableCommand {
     @Option(help: "How long a message waits for others to fill a produce request (ms). See README, \"Kafka brokers far away\".")
     var lingerMs: Int = ProducerTuning.milliseconds(ProducerTuning.defaultLinger)
 
-    @Option(help: "Whose messages go to librdkafka in partition rounds — held while their partition has 5 or more in flight, so that librdkafka does not poll its sockets without pause meanwhile: off, batches (destinations with Send as Batch), all (default: batches). See README, \"Kafka brokers far away\".")
+    @Option(help: "Whose messages go to librdkafka in partition rounds — held while their partition has 5 or more in flight, so that librdkafka does not poll its sockets without pause meanwhile: off, batches (destinations with Send as Batch), all. See README, \"Kafka brokers far away\".")
     var partitionRounds: PartitionRoundsScope = .batches
 
     /// The producer settings these options choose, for every producer of this process.

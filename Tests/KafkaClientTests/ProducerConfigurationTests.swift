@@ -67,10 +67,12 @@ final class ProducerConfigurationTests: XCTestCase {
         batches.sendAsBatch = true
         var events = KafkaConnectionSettings()
         events.sendAsBatch = false
+        // As kafka-out learns a destination: from the router's `destination` frame.
+        func received(_ d: KafkaDestination) throws -> KafkaDestination { try KafkaDestination(wireJSON: d.wireJSON) }
         let batchConfig = try publisher.producerConfiguration(
-            for: KafkaDestination(bootstrapServers: "b:1", topic: "t", settings: batches))
+            for: received(KafkaDestination(bootstrapServers: "b:1", topic: "t", settings: batches)))
         let eventConfig = try publisher.producerConfiguration(
-            for: KafkaDestination(bootstrapServers: "b:1", topic: "t", settings: events))
+            for: received(KafkaDestination(bootstrapServers: "b:1", topic: "t", settings: events)))
         XCTAssertTrue(batchConfig.partitionRounds)
         XCTAssertEqual(batchConfig.properties.first { $0.key == "linger.ms" }?.value, "0.5")
         XCTAssertFalse(eventConfig.partitionRounds)
@@ -79,7 +81,7 @@ final class ProducerConfigurationTests: XCTestCase {
 
         let all = KafkaPublisher(
             devBootstrapFile: "/nonexistent", tuning: try Run.parse(["--partition-rounds", "all"]).tuning, logger: .init(label: "test"))
-        XCTAssertTrue(try all.producerConfiguration(for: KafkaDestination(bootstrapServers: "b:1", topic: "t", settings: events)).partitionRounds)
+        XCTAssertTrue(try all.producerConfiguration(for: received(KafkaDestination(bootstrapServers: "b:1", topic: "t", settings: events))).partitionRounds)
     }
 
     func testNoUsernameMeansSSL() {

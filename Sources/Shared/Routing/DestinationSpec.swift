@@ -11,6 +11,9 @@ extension KafkaDestination {
             .init("topic", .string(topic)),
             .init("sasl_mechanism", .string(saslMechanism.rawValue)),
             .init("plaintext", .bool(plaintext)),
+            // The router applies the settings; kafka-out only needs to know the kind of messages
+            // (whole batches or one per event: its producers' partition rounds depend on it).
+            .init("send_as_batch", .bool(settings.sendAsBatch)),
         ]
         func add(_ key: String, _ value: String?) { if let value { members.append(.init(key, .string(value))) } }
         add("username", username)
@@ -32,6 +35,7 @@ extension KafkaDestination {
             sslKeyPEM: json["ssl_private_key"]?.stringValue.map(Secret.init),
             sslCertificatePEM: json["ssl_certificate"]?.stringValue, sslCAPEM: json["ssl_ca_certificate"]?.stringValue,
             plaintext: json["plaintext"] == .bool(true))
+        settings.sendAsBatch = json["send_as_batch"] != .bool(false)
     }
 }
 
