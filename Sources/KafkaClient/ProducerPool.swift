@@ -138,7 +138,7 @@ public final class ProducerPool<Context: Sendable>: @unchecked Sendable {
             eventLoop: eventLoop,
             onDelivery: { [weak self] reports in self?.delivered(reports) })
         box.withLock { identity = ObjectIdentifier(producer) }
-        producerLogger.info("kafka producer created")
+        producerLogger.info("kafka producer created", metadata: ["kafka.partition_rounds": "\(configuration.partitionRounds)"])
         var orphaned: [Outcome] = []
         let chosen: KafkaProducer = lock.withLock {
             if let p = producers[configuration], p.fatalError == nil { return p }
