@@ -115,5 +115,15 @@ final class ConnectionSettingsSystemTests: XCTestCase {
         XCTAssertNil(device["device"])
         XCTAssertEqual(device["platform"] as? String, "iOS")
         XCTAssertNotNil(noEmpty[0]["ip"])
+
+        // kafka-out holds partition rounds (its default, `--partition-rounds batches`) for the
+        // destinations that send whole batches only: the per-event one has a producer of its own.
+        let created = group.logs().split(separator: "\n").filter { $0.contains("kafka producer created") }
+        XCTAssertTrue(
+            created.contains { $0.contains("destination=acme/inverted") && $0.contains("kafka.partition_rounds=false") },
+            created.joined(separator: "\n"))
+        XCTAssertTrue(
+            created.contains { !$0.contains("destination=acme/inverted") && $0.contains("kafka.partition_rounds=true") },
+            created.joined(separator: "\n"))
     }
 }
