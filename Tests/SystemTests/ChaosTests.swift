@@ -183,8 +183,9 @@ final class BrokerOutageTests: XCTestCase {
         XCTAssertEqual(try control(group, "bogus"), "error: unknown command (down, up, rtt MS, errors API_KEY CODE...)")
     }
 
-    /// With `--partition-rounds batches` (the destination sends batches: they are held while their partition has 5 in flight): slow
-    /// brokers, dropped connections and an outage longer than the message timeout lose nothing.
+    /// With `--partition-rounds batches` (the destination sends batches: they are held while their
+    /// partition has 5 in flight): slow brokers, dropped connections and an outage longer than the
+    /// message timeout lose nothing.
     func testPartitionRoundsLoseNothingThroughSlowBrokersAndAnOutage() throws {
         let group = try startGroup("rounds", ["--partition-rounds", "batches"])
         let sender = Sender(group, "rounds")
