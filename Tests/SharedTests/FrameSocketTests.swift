@@ -1,6 +1,7 @@
 import Foundation
 import Logging
 import NIOCore
+import NIOEmbedded
 import XCTest
 
 @testable import Shared
@@ -152,5 +153,49 @@ final class FrameSocketTests: XCTestCase {
         for _ in 0..<200 where await seen.hellos.count < 2 { try await Task.sleep(for: .milliseconds(50)) }
         hellos = await seen.hellos
         XCTAssertEqual(hellos.count, 2)
+    }
+
+    /// Counts the flushes that reach the channel (one per `write` to the socket).
+    final class FlushCounter: ChannelOutboundHandler, @unchecked Sendable {
+        typealias OutboundIn = Frame
+        var flushes = 0
+        func flush(context: ChannelHandlerContext) {
+            flushes += 1
+            context.flush()
+        }
+    }
+
+    /// A read's frames handled as a chain of loop jobs, each sending one frame and queueing the
+    /// next (the router's readers and core share the connection's loop): the frames go out in one
+    /// write, not one each — and a chain that never ends still gets written.
+    func testFramesSentByAChainOfLoopJobsGoOutInOneWrite() throws {
+        func run(chain length: Int) throws -> (flushes: Int, frames: [UInt64], firstWrite: Int) {
+            let channel = EmbeddedChannel()
+            let counter = FlushCounter()
+            try channel.pipeline.syncOperations.addHandler(counter)
+            let peer = FramePeer()
+            peer.attach(channel)
+            var firstWrite = 0
+            func handle(_ n: Int) {
+                peer.send(.ack(UInt64(n)))
+                if counter.flushes == 0 { firstWrite = n + 1 }
+                // Two hops to the next frame: to the core and back to the reader.
+                if n < length { channel.eventLoop.execute { channel.eventLoop.execute { handle(n + 1) } } }
+            }
+            channel.eventLoop.execute { handle(1) }
+            channel.embeddedEventLoop.run()
+            var ids: [UInt64] = []
+            while let f = try channel.readOutbound(as: Frame.self) { ids.append(f.id) }
+            return (counter.flushes, ids, firstWrite)
+        }
+        let short = try run(chain: 5)
+        XCTAssertEqual(short.flushes, 1)
+        XCTAssertEqual(short.frames, Array(1...5))
+        // The wait is bounded: a longer chain is written after `maxDeferrals` passes, in order.
+        let long = try run(chain: 40)
+        XCTAssertEqual(long.frames, Array(1...40))
+        XCTAssertGreaterThan(long.flushes, 1)
+        XCTAssertLessThanOrEqual(long.firstWrite, FramePeer.maxDeferrals / 2 + 2)
+        XCTAssertLessThanOrEqual(long.flushes, 40 / (FramePeer.maxDeferrals / 2) + 1)
     }
 }

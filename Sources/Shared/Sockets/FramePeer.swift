@@ -6,13 +6,34 @@ import NIOCore
 /// queue in a mailbox, and the connection's event loop writes everything queued in one go (one
 /// task on the loop per burst of sends, one flush). The frames go straight from the sending
 /// thread to the loop: no writer task in between (every thread wake-up costs tens of µs here).
+///
+/// The write waits behind the loop's jobs already queued while the burst still grows: a process
+/// whose readers and core run on the loop the connection writes from (the router) handles a read's
+/// frames as a chain of loop jobs, one hop at a time, and a write scheduled at once would go out
+/// between them — one `write` (and one wake-up of the peer) per frame. So the scheduled write goes
+/// round the loop's queue again until `quietPasses` passes in a row brought no new frame (a frame
+/// takes a few hops: to the core's actor and back to its reader), at most `maxDeferrals` passes or
+/// until `maxDeferredFrames` wait, then writes them all. A pass through an idle loop costs about a
+/// microsecond; a `write` and the peer's wake-up tens.
 public final class FramePeer: Sendable, Hashable {
+    /// Passes through the loop's queue a scheduled write waits at most while frames keep coming.
+    static let maxDeferrals = 16
+    /// Passes in a row without a new frame after which the write goes out.
+    static let quietPasses = 2
+    /// Frames queued past which the write goes out at once.
+    static let maxDeferredFrames = 256
+
     private struct State {
         var queue: [Frame] = []
         /// Set once the connection is up; until then (and in tests) frames only queue.
         var channel: Channel?
         /// A write of the queue is already scheduled on the channel's event loop.
         var scheduled = false
+        /// Passes the scheduled write has waited, the queue's length at the last one, and the
+        /// passes in a row that found it unchanged.
+        var deferrals = 0
+        var queuedAtLastPass = 0
+        var quiet = 0
         var closed = false
         var role: PeerRole?
         var instance: String?
@@ -79,12 +100,28 @@ public final class FramePeer: Sendable, Hashable {
         if let claimed { claimed.eventLoop.execute { self.writeQueued(to: claimed) } }
     }
 
-    /// On the channel's event loop: writes everything queued, flushes once.
+    /// On the channel's event loop: writes everything queued, flushes once — after waiting behind
+    /// the loop's queued jobs while the queue still grows (see the type's comment).
     private func writeQueued(to channel: Channel, thenClose: Bool = false) {
-        let frames = state.withLockedValue { s -> [Frame] in
+        let frames = state.withLockedValue { s -> [Frame]? in
+            s.quiet = s.queue.count == s.queuedAtLastPass ? s.quiet + 1 : 0
+            if !thenClose, !s.closed, s.quiet < Self.quietPasses, s.deferrals < Self.maxDeferrals,
+                s.queue.count < Self.maxDeferredFrames
+            {
+                s.deferrals += 1
+                s.queuedAtLastPass = s.queue.count
+                return nil
+            }
             s.scheduled = false
+            s.deferrals = 0
+            s.queuedAtLastPass = 0
+            s.quiet = 0
             defer { s.queue = [] }
             return s.queue
+        }
+        guard let frames else {
+            channel.eventLoop.execute { self.writeQueued(to: channel) }
+            return
         }
         for frame in frames { channel.write(NIOAny(frame), promise: nil) }
         if !frames.isEmpty { channel.flush() }
