@@ -39,8 +39,17 @@ final class PayloadLog: Sendable {
         }
     }
 
+    /// An open segment file, closed when the last holder lets go: a read back may still be using
+    /// it when its segment is retired.
+    private final class SegmentFile: Sendable {
+        let fd: Int32
+        init(_ fd: Int32) { self.fd = fd }
+        deinit { close(fd) }
+    }
+
     private struct Segment {
-        var fd: Int32
+        var file: SegmentFile
+        var fd: Int32 { file.fd }
         var size: Int64
         /// Batches stored in it that the spool still holds.
         var references = 0
@@ -62,10 +71,10 @@ final class PayloadLog: Sendable {
 
         /// Takes the segments that can go out of the table: nothing refers to them, they are not
         /// being written, and SQLite holds all their records.
-        mutating func retirable() -> [(Int64, Int32)] {
+        mutating func retirable() -> [Int64] {
             let gone = segments.filter { n, s in n != current && s.references == 0 && s.lastSequence <= applied }
             for n in gone.keys { segments[n] = nil }
-            return gone.map { ($0.key, $0.value.fd) }
+            return Array(gone.keys)
         }
     }
 
@@ -91,7 +100,7 @@ final class PayloadLog: Sendable {
             } else {
                 let fd = open(path(n), O_RDWR | O_CLOEXEC)
                 guard fd >= 0 else { throw Failure.io("open \(name)", errno) }
-                state.withLockedValue { $0.segments[n] = Segment(fd: fd, size: Int64(lseek(fd, 0, SEEK_END)), references: references[n]!) }
+                state.withLockedValue { $0.segments[n] = Segment(file: SegmentFile(fd), size: Int64(lseek(fd, 0, SEEK_END)), references: references[n]!) }
             }
         }
         for (n, count) in references where count > 0 {
@@ -100,12 +109,6 @@ final class PayloadLog: Sendable {
             }
         }
         try startSegment(highest + 1)
-    }
-
-    deinit {
-        state.withLockedValue { s in
-            for segment in s.segments.values { close(segment.fd) }
-        }
     }
 
     /// The numbers of the segment files in `directory`.
@@ -144,12 +147,12 @@ final class PayloadLog: Sendable {
             fsync(dir)
             close(dir)
         }
-        let retire = state.withLockedValue { s -> [(Int64, Int32)] in
-            s.segments[n] = Segment(fd: fd, size: 0)
+        let retire = state.withLockedValue { s -> [Int64] in
+            s.segments[n] = Segment(file: SegmentFile(fd), size: 0)
             s.current = n
             return s.retirable()
         }
-        for (old, fd) in retire { remove(fd, segment: old) }
+        for old in retire { remove(segment: old) }
     }
 
     /// Appends one group of whole records, the last numbered `lastSequence`: one write, and when
@@ -214,26 +217,27 @@ final class PayloadLog: Sendable {
 
     /// The bytes at `location`.
     func read(_ location: PayloadLocation) throws -> ByteBuffer {
+        // Not under the lock: the spool's writer takes it for every group (`append`, `release`),
+        // and waiting behind a read back put it to sleep (a futex wait and wake-up each time, at
+        // max load hundreds a second). Holding the file keeps its descriptor open; a segment
+        // retired meanwhile (and its file perhaps written over as the next segment) makes the
+        // bytes read worthless, so the segment must still be there, the same file, afterwards.
+        guard let file = state.withLockedValue({ $0.segments[location.segment]?.file }) else { throw Failure.missing(location) }
         var buffer = ByteBuffer()
-        buffer.reserveCapacity(location.length)
-        // Under the lock, so that `release` cannot close the descriptor in the middle (reads come
-        // from the page cache: a few microseconds).
-        try state.withLockedValue { s in
-            guard let fd = s.segments[location.segment]?.fd else { throw Failure.missing(location) }
-            try buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: location.length) { raw in
-                var done = 0
-                while done < location.length {
-                    let got = pread(fd, raw.baseAddress! + done, location.length - done, off_t(location.offset) + off_t(done))
-                    if got < 0 {
-                        if errno == EINTR { continue }
-                        throw Failure.io("read segment \(location.segment)", errno)
-                    }
-                    if got == 0 { throw Failure.missing(location) }
-                    done += got
+        try buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: location.length) { raw in
+            var done = 0
+            while done < location.length {
+                let got = pread(file.fd, raw.baseAddress! + done, location.length - done, off_t(location.offset) + off_t(done))
+                if got < 0 {
+                    if errno == EINTR { continue }
+                    throw Failure.io("read segment \(location.segment)", errno)
                 }
-                return done
+                if got == 0 { throw Failure.missing(location) }
+                done += got
             }
+            return done
         }
+        guard state.withLockedValue({ $0.segments[location.segment]?.file === file }) else { throw Failure.missing(location) }
         return buffer
     }
 
@@ -242,28 +246,28 @@ final class PayloadLog: Sendable {
     /// all its records: a segment's file must not be reused or deleted while a restart could
     /// still need it.
     func release(_ segment: Int64) {
-        let retire = state.withLockedValue { s -> [(Int64, Int32)] in
+        let retire = state.withLockedValue { s -> [Int64] in
             guard s.segments[segment] != nil else { return [] }
             s.segments[segment]!.references = max(0, s.segments[segment]!.references - 1)
             guard s.segments[segment]!.references == 0 else { return [] }
             return s.retirable()
         }
-        for (n, fd) in retire { remove(fd, segment: n) }
+        for n in retire { remove(segment: n) }
     }
 
     /// SQLite durably holds the records up to `sequence`: segments that only waited for that go.
     func applied(upTo sequence: UInt64) {
-        let retire = state.withLockedValue { s -> [(Int64, Int32)] in
+        let retire = state.withLockedValue { s -> [Int64] in
             s.applied = max(s.applied, sequence)
             return s.retirable()
         }
-        for (n, fd) in retire { remove(fd, segment: n) }
+        for n in retire { remove(segment: n) }
     }
 
-    /// Closes a segment nothing refers to any more and retires its file off the writer's path (a
-    /// rename or a 64 MB unlink is a file-system journal commit).
-    private func remove(_ fd: Int32, segment n: Int64) {
-        close(fd)
+    /// Retires the file of a segment nothing refers to any more (out of the table: its descriptor
+    /// closes with the last read using it), off the writer's path (a rename or a 64 MB unlink is a
+    /// file-system journal commit).
+    private func remove(segment n: Int64) {
         let file = path(n)
         PayloadLog.cleanup.async { self.retire(file) }
     }

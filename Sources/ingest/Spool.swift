@@ -397,7 +397,7 @@ final class Spool: Sendable {
             target, after: after, through: min(through, bound - 1), bound: bound, limit: limit, generation: generation)
         // Ids handed out after the memory was read (a replay taken in meanwhile, in SQLite) may
         // come after ones handed out meanwhile and still only in the log: left to the next read.
-        var complete = rows.complete && through < bound && recent.count < limit && !recentCut
+        let complete = rows.complete && through < bound && recent.count < limit && !recentCut
         var candidates = rows.found.filter { !finished.0.contains($0.id) && !finished.1.contains($0.id) }
         // Both in id order (ids of replays taken in are above those of batches still only in the
         // log); an apply between the two reads may show one in both.
