@@ -70,11 +70,12 @@ final class PayloadLog: Sendable {
         var applied: UInt64 = 0
 
         /// Takes the segments that can go out of the table: nothing refers to them, they are not
-        /// being written, and SQLite holds all their records.
-        mutating func retirable() -> [Int64] {
+        /// being written, and SQLite holds all their records. With their files, so that the caller
+        /// lets go of them (and closes those no read holds) outside the lock.
+        mutating func retirable() -> [(segment: Int64, file: SegmentFile)] {
             let gone = segments.filter { n, s in n != current && s.references == 0 && s.lastSequence <= applied }
             for n in gone.keys { segments[n] = nil }
-            return Array(gone.keys)
+            return gone.map { ($0.key, $0.value.file) }
         }
     }
 
@@ -147,12 +148,12 @@ final class PayloadLog: Sendable {
             fsync(dir)
             close(dir)
         }
-        let retire = state.withLockedValue { s -> [Int64] in
+        let retire = state.withLockedValue { s -> [(segment: Int64, file: SegmentFile)] in
             s.segments[n] = Segment(file: SegmentFile(fd), size: 0)
             s.current = n
             return s.retirable()
         }
-        for old in retire { remove(segment: old) }
+        for old in retire { remove(segment: old.segment) }
     }
 
     /// Appends one group of whole records, the last numbered `lastSequence`: one write, and when
@@ -246,22 +247,22 @@ final class PayloadLog: Sendable {
     /// all its records: a segment's file must not be reused or deleted while a restart could
     /// still need it.
     func release(_ segment: Int64) {
-        let retire = state.withLockedValue { s -> [Int64] in
+        let retire = state.withLockedValue { s -> [(segment: Int64, file: SegmentFile)] in
             guard s.segments[segment] != nil else { return [] }
             s.segments[segment]!.references = max(0, s.segments[segment]!.references - 1)
             guard s.segments[segment]!.references == 0 else { return [] }
             return s.retirable()
         }
-        for n in retire { remove(segment: n) }
+        for old in retire { remove(segment: old.segment) }
     }
 
     /// SQLite durably holds the records up to `sequence`: segments that only waited for that go.
     func applied(upTo sequence: UInt64) {
-        let retire = state.withLockedValue { s -> [Int64] in
+        let retire = state.withLockedValue { s -> [(segment: Int64, file: SegmentFile)] in
             s.applied = max(s.applied, sequence)
             return s.retirable()
         }
-        for n in retire { remove(segment: n) }
+        for old in retire { remove(segment: old.segment) }
     }
 
     /// Retires the file of a segment nothing refers to any more (out of the table: its descriptor
