@@ -195,8 +195,14 @@ func runFrameConnection(
 extension Channel {
     /// Adds the frame codec to a new Unix-socket channel and wraps it for async use.
     func frameAsyncChannel(maximumFrameLength: Int) throws -> NIOAsyncChannel<Frame, Frame> {
+        try syncOptions?.setOption(.recvAllocator, value: frameReadBuffers)
         try pipeline.syncOperations.addHandler(FrameSplitter(maximumFrameLength: maximumFrameLength))
         try pipeline.syncOperations.addHandler(FrameWriter())
         return try NIOAsyncChannel<Frame, Frame>(wrappingChannelSynchronously: self)
     }
 }
+
+/// Reads on frame connections: up to 256 KB at a time (NIO's default: 64 KB). A frame a read cuts
+/// is copied whole (`FrameSplitter`), and per event a frame to kafka-out is ≈ 36 KB: with 64 KB
+/// reads nearly every frame was cut, and those copies were ≈ 4% of kafka-out's CPU.
+let frameReadBuffers = AdaptiveRecvByteBufferAllocator(minimum: 1024, initial: 65536, maximum: 256 * 1024)
