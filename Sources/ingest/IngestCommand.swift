@@ -41,7 +41,8 @@ struct Serve: AsyncParsableCommand {
             ?? (options.runDir as NSString).appendingPathComponent("spool")
         let spool = try Spool(
             directory: directory, maxBytes: config.ingest.spoolMaxBytes,
-            maxBacklogPerDestination: config.ingest.maxBacklogPerDestination, logger: logger)
+            maxBacklogPerDestination: config.ingest.maxBacklogPerDestination,
+            commitDelay: .microseconds(config.ingest.spoolCommitDelayUs), logger: logger)
         logger.info(
             "spool opened",
             metadata: ["spool.path": "\(spool.path)", "spool.batches": "\(spool.count)", "spool.bytes": "\(spool.usedBytes)"])

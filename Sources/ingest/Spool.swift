@@ -172,7 +172,7 @@ final class Spool: Sendable {
 
     init(
         directory: String, maxBytes: Int, maxBacklogPerDestination: Int = 100_000, segmentBytes: Int64 = 64 << 20,
-        commitDelay: Duration = .microseconds(300), commitDelayOperations: Int = 8, applyInterval: Duration = .milliseconds(100),
+        commitDelay: Duration = .microseconds(1000), commitDelayOperations: Int = 8, applyInterval: Duration = .milliseconds(100),
         applyAfter: Duration = .seconds(1), freshMaxBytes: Int = 4 << 20, logger: Logger = Logger(label: "sluice.spool")
     ) throws {
         self.logger = logger
@@ -724,9 +724,11 @@ final class Spool: Sendable {
     /// while groups come in large — a sign that requests arrive faster than they are written —
     /// the writer waits `commitDelay` before it takes the next one, which grows it. After a small
     /// group, or once the queue ran dry, it takes the next at once: at low load nothing waits.
-    /// Measured (`Benchmarks/ab`, 6 rounds, per event with 50 tenants at max; docs/BENCHMARKS.md,
-    /// session 12): groups of 12.7 → 15 operations, ingest's CPU per request −5%, p99 lower in
-    /// every round; with batches and 1 tenant (3 rounds) 4–15% more requests/s, p99 lower.
+    /// Measured (`Benchmarks/ab`, docs/BENCHMARKS.md): 300 µs against none (session 12, 6 rounds
+    /// per event with 50 tenants at max): groups of 12.7 → 15 operations, ingest's CPU per request
+    /// −5%, p99 lower in every round; 1 ms against 300 µs (session 26, 2 rounds, 3 modes at max):
+    /// half the commits, ingest's CPU per request −10 to −26% in all 6, p99 at max lower in all 6.
+    /// `ingest.spool_commit_delay_us` sets it.
     private func drain() {
         var previous = 0
         while true {

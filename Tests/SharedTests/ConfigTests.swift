@@ -9,6 +9,7 @@ final class ConfigTests: XCTestCase {
           listen: 0.0.0.0:9090
           max_batch_bytes: 65536
           max_answer_hold_ms: 50
+          spool_commit_delay_us: 250
         tenants:
           acme:
             api_key: acme-key
@@ -42,6 +43,8 @@ final class ConfigTests: XCTestCase {
         XCTAssertEqual(config.ingest.maxRequestBytes, 256 * 1024)
         XCTAssertEqual(config.ingest.maxAnswerHoldMs, 50)
         XCTAssertEqual(IngestSettings().maxAnswerHoldMs, 0, "off unless asked for")
+        XCTAssertEqual(config.ingest.spoolCommitDelayUs, 250)
+        XCTAssertEqual(IngestSettings().spoolCommitDelayUs, 1000)
         XCTAssertEqual(config.tenants.map(\.id), ["acme", "dev"])
         let acme = config.tenant(id: "acme")!
         XCTAssertEqual(acme.apiSecret.value, "from-env")
@@ -87,6 +90,7 @@ final class ConfigTests: XCTestCase {
         assertError("ingest: {max_batch_bytes: 8388608}\ntenants: {}\n", contains: ["max_batch_bytes", "between 1024 and 2097152"])
         assertError("ingest: {max_batch_bytes: lots}\ntenants: {}\n", contains: ["whole number"])
         assertError("ingest: {max_answer_hold_ms: 60000}\ntenants: {}\n", contains: ["max_answer_hold_ms", "between 0 and 10000"])
+        assertError("ingest: {spool_commit_delay_us: -1}\ntenants: {}\n", contains: ["spool_commit_delay_us", "between 0 and 100000"])
         assertError("tenants: {\"bad id\": {api_key: k, api_secret: s}}\n", contains: ["tenant 'bad id'"])
         assertError("tenants: {t1: {api_secret: s}}\n", contains: ["tenant 't1'", "'api_key'", "required"])
         assertError("tenants: {t1: {api_key: k}}\n", contains: ["tenant 't1'", "'api_secret'", "required"])

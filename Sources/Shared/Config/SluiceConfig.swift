@@ -32,6 +32,9 @@ public struct IngestSettings: Sendable, Equatable {
     /// How long a stored request's 202 may wait while its destinations fall behind (0: never, the
     /// default: see README "Overload").
     public var maxAnswerHoldMs = 0
+    /// How long the spool's writer waits after a large group before it takes the next (µs): see
+    /// README "Operations".
+    public var spoolCommitDelayUs = 1000
     public init() {}
 }
 
@@ -185,7 +188,7 @@ extension SluiceConfig {
     static func parseIngest(_ node: ConfigNode) throws(ConfigError) -> IngestSettings {
         try node.checkKeys([
             "listen", "max_batch_bytes", "max_request_bytes", "max_batches_per_request", "spool_max_bytes",
-            "max_backlog_per_destination", "max_answer_hold_ms",
+            "max_backlog_per_destination", "max_answer_hold_ms", "spool_commit_delay_us",
         ])
         var s = IngestSettings()
         if let listen = try node.string("listen") {
@@ -203,6 +206,7 @@ extension SluiceConfig {
         s.maxBacklogPerDestination =
             try node.int("max_backlog_per_destination", range: 1...100_000_000) ?? s.maxBacklogPerDestination
         s.maxAnswerHoldMs = try node.int("max_answer_hold_ms", range: 0...10_000) ?? s.maxAnswerHoldMs
+        s.spoolCommitDelayUs = try node.int("spool_commit_delay_us", range: 0...100_000) ?? s.spoolCommitDelayUs
         return s
     }
 
