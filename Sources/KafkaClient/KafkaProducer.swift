@@ -23,9 +23,6 @@ public final class KafkaProducer: @unchecked Sendable {
     private let rounds: PartitionRounds?
     private let lock = NSLock()
     private var topics: [String: (handle: OpaquePointer, rounds: PartitionRounds.Topic?)] = [:]
-    /// Bytes of messages lent to librdkafka whose reports will not be waited for: let go only
-    /// once librdkafka is destroyed.
-    private var lent: [ByteBuffer] = []
     public let configuration: ProducerConfiguration
 
     public init(
@@ -79,18 +76,7 @@ public final class KafkaProducer: @unchecked Sendable {
         // joined there, off this thread).
         rounds?.stop()
         let handles = Handles(producer: handle, queue: events.queue, topics: topics.values.map(\.handle))
-        let lent = self.lent
-        events.stop {
-            handles.destroy()
-            withExtendedLifetime(lent) {}
-        }
-    }
-
-    /// Keeps the bytes messages were lent from until librdkafka is destroyed (for messages whose
-    /// delivery reports nobody waits for any more).
-    func keepUntilDestroyed(_ storage: [ByteBuffer]) {
-        guard !storage.isEmpty else { return }
-        lock.withLock { lent += storage }
+        events.stop { handles.destroy() }
     }
 
     private struct Handles: @unchecked Sendable {
@@ -122,25 +108,21 @@ public final class KafkaProducer: @unchecked Sendable {
         try produce(topic: self.topic(topic), key: key, value: value, headers: KafkaHeaders(headers), id: id)
     }
 
-    /// Hands one message to librdkafka — or holds it (copied) for its partition's next round —,
+    /// Hands one message to librdkafka (copied) — or holds it for its partition's next round —,
     /// with `headers` and, when given, one more header (`extra`: a NUL-terminated name and the
-    /// value's bytes): the path every message of a frame takes. The value is copied, unless
-    /// `lent`: then librdkafka reads it where it is, and the caller keeps it valid until the
-    /// message's delivery report (`ProducerPool.begin(keeping:)` does) — a copy and a large
-    /// allocation fewer per message. Throws `_QUEUE_FULL` (retriable) when librdkafka's queue (or
-    /// what is held) is full.
+    /// value's bytes): the path every message of a frame takes. Throws `_QUEUE_FULL` (retriable)
+    /// when librdkafka's queue (or what is held) is full.
     public func produce(
         topic: KafkaTopic, key: UnsafeRawBufferPointer?, value: UnsafeRawBufferPointer, headers: KafkaHeaders,
-        extra: (name: UnsafePointer<CChar>, value: UnsafeRawBufferPointer)? = nil, id: UInt64, lent: Bool = false
+        extra: (name: UnsafePointer<CChar>, value: UnsafeRawBufferPointer)? = nil, id: UInt64
     ) throws(KafkaError) {
         precondition(topic.producer == ObjectIdentifier(self), "a topic of another producer")
         if let rounds, let t = topic.rounds {
-            try rounds.produce(t, key: key, value: value, headers: headers, extra: extra, id: id, lent: lent)
+            try rounds.produce(t, key: key, value: value, headers: headers, extra: extra, id: id)
             return
         }
         if let err = produceMessage(
-            handle, topic: topic.handle, partition: RD_KAFKA_PARTITION_UA, key: key, value: value,
-            handling: lent ? .lend : .copy,
+            handle, topic: topic.handle, partition: RD_KAFKA_PARTITION_UA, key: key, value: value, ownsValue: false,
             headers: headers, extra: extra, opaque: id)
         {
             throw err
@@ -433,26 +415,14 @@ public struct KafkaTopic: @unchecked Sendable {
     let producer: ObjectIdentifier
 }
 
-/// What librdkafka does with a message's value.
-enum ValueHandling {
-    /// Copies it (`RD_KAFKA_MSG_F_COPY`).
-    case copy
-    /// Reads it where it is: the caller keeps it valid until the message's delivery report or
-    /// the producer's destruction, whichever comes first (no flag: librdkafka's documented
-    /// contract for a value neither copied nor freed).
-    case lend
-    /// Takes the `malloc`ed block over and frees it (`RD_KAFKA_MSG_F_FREE`; still the caller's if
-    /// refused).
-    case give
-}
-
 /// Hands one message to librdkafka (`rd_kafka_produceva`): to `partition` (`RD_KAFKA_PARTITION_UA`:
-/// librdkafka's partitioner chooses), the value copied, lent or given (`handling`), with `headers`
-/// and, when given, one more header (`extra`: a NUL-terminated name and the value's bytes), without
+/// librdkafka's partitioner chooses), the value copied — or taken over when `ownsValue` (a
+/// `malloc`ed block librdkafka frees; still the caller's if refused) —, with `headers` and, when
+/// given, one more header (`extra`: a NUL-terminated name and the value's bytes), without
 /// allocating. Returns librdkafka's refusal.
 func produceMessage(
     _ handle: OpaquePointer, topic: OpaquePointer, partition: Int32, key: UnsafeRawBufferPointer?,
-    value: UnsafeRawBufferPointer, handling: ValueHandling, headers: KafkaHeaders,
+    value: UnsafeRawBufferPointer, ownsValue: Bool, headers: KafkaHeaders,
     extra: (name: UnsafePointer<CChar>, value: UnsafeRawBufferPointer)?, opaque: UInt64
 ) -> KafkaError? {
     let count = 6 + headers.count + (extra == nil ? 0 : 1)
@@ -469,11 +439,7 @@ func produceMessage(
         vus[3].vtype = RD_KAFKA_VTYPE_OPAQUE
         vus[3].u.ptr = UnsafeMutableRawPointer(bitPattern: UInt(opaque))
         vus[4].vtype = RD_KAFKA_VTYPE_MSGFLAGS
-        switch handling {
-        case .copy: vus[4].u.i = RD_KAFKA_MSG_F_COPY
-        case .lend: vus[4].u.i = 0
-        case .give: vus[4].u.i = RD_KAFKA_MSG_F_FREE
-        }
+        vus[4].u.i = ownsValue ? RD_KAFKA_MSG_F_FREE : RD_KAFKA_MSG_F_COPY
         vus[5].vtype = RD_KAFKA_VTYPE_PARTITION
         vus[5].u.i32 = partition
         var n = 6

@@ -134,7 +134,7 @@ final class PartitionRounds: @unchecked Sendable {
     /// next round. `_QUEUE_FULL` when too much is held: wait for deliveries and try again.
     func produce(
         _ topic: Topic, key: UnsafeRawBufferPointer?, value: UnsafeRawBufferPointer, headers: KafkaHeaders,
-        extra: (name: UnsafePointer<CChar>, value: UnsafeRawBufferPointer)?, id: UInt64, lent: Bool = false
+        extra: (name: UnsafePointer<CChar>, value: UnsafeRawBufferPointer)?, id: UInt64
     ) throws(KafkaError) {
         precondition(id & Self.roundBit == 0, "message id \(id) uses the round bit")
         lock.lock()
@@ -144,7 +144,7 @@ final class PartitionRounds: @unchecked Sendable {
         guard count > 0, !draining else {
             let err = produceMessage(
                 handle, topic: topic.handle, partition: RD_KAFKA_PARTITION_UA, key: key, value: value,
-                handling: lent ? .lend : .copy, headers: headers, extra: extra, opaque: id)
+                ownsValue: false, headers: headers, extra: extra, opaque: id)
             if let err { throw err }
             return
         }
@@ -156,8 +156,7 @@ final class PartitionRounds: @unchecked Sendable {
         }
         if linger == 0, topic.partitions[p].inFlight < Self.maxInFlight, topic.partitions[p].held.isEmpty {
             let err = produceMessage(
-                handle, topic: topic.handle, partition: Int32(p), key: key, value: value, handling: lent ? .lend : .copy,
-                headers: headers,
+                handle, topic: topic.handle, partition: Int32(p), key: key, value: value, ownsValue: false, headers: headers,
                 extra: extra, opaque: id | Self.roundBit)
             if let err { throw err }
             topic.partitions[p].inFlight += 1
@@ -264,7 +263,7 @@ final class PartitionRounds: @unchecked Sendable {
             guard
                 let err = produceMessage(
                     handle, topic: topic.handle, partition: p, key: key,
-                    value: UnsafeRawBufferPointer(start: m.block, count: m.valueCount), handling: .give, headers: m.headers,
+                    value: UnsafeRawBufferPointer(start: m.block, count: m.valueCount), ownsValue: true, headers: m.headers,
                     extra: extra, opaque: inRound ? m.id | Self.roundBit : m.id)
             else { continue }
             if err.name == "_QUEUE_FULL", inRound {

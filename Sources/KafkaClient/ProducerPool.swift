@@ -1,4 +1,3 @@
-import CRdKafka
 import Foundation
 import Logging
 import NIOCore
@@ -12,13 +11,10 @@ private struct Pending {
     /// One bit per message: settled (delivered or failed).
     var settled: [UInt64]
     var failures: [(index: Int, error: KafkaError)] = []
-    /// The bytes the group's messages were lent from: kept until every message is reported.
-    var storage: ByteBuffer?
 
-    init(producer: ObjectIdentifier, count: Int, storage: ByteBuffer?) {
+    init(producer: ObjectIdentifier, count: Int) {
         self.producer = producer
         self.count = count
-        self.storage = storage
         remaining = count
         settled = [UInt64](repeating: 0, count: (count + 63) / 64)
     }
@@ -149,8 +145,15 @@ public final class ProducerPool<Context: Sendable>: @unchecked Sendable {
             if let old = producers[configuration], let error = old.fatalError {
                 // A producer that hit a fatal error reports nothing more: what it still held is
                 // answered now, as retryable, and goes out again through the new one.
-                statistics[ObjectIdentifier(old)] = nil
-                orphaned = abandon(old, error: error)
+                let id = ObjectIdentifier(old)
+                statistics[id] = nil
+                for (number, group) in pending.groups where group.producer == id {
+                    pending.groups[number] = nil
+                    guard let context = contexts.removeValue(forKey: number) else { continue }
+                    let retry = KafkaError(code: error.code, name: error.name, message: error.message, isRetriable: true)
+                    let failures = (group.failures + group.unsettled.map { ($0, retry) }).sorted { $0.index < $1.index }
+                    orphaned.append(Outcome(context: context, count: group.count, failures: failures))
+                }
             }
             producers[configuration] = producer
             return producer
@@ -161,16 +164,14 @@ public final class ProducerPool<Context: Sendable>: @unchecked Sendable {
 
     /// Starts a group of `count` messages for `producer`, answered with `context` once all are
     /// settled. Hand each message to the producer with `group.id(index)`; settle those it refuses
-    /// with `refused`. `keeping`: the bytes the messages are lent from (`KafkaProducer.produce(…,
-    /// lent: true)`), held until librdkafka reported every message or, when the producer fails
-    /// for good first, until it is destroyed — even when the group's outcome is no longer wanted.
-    public func begin(_ producer: KafkaProducer, count: Int, context: Context, keeping storage: ByteBuffer? = nil) -> Group {
+    /// with `refused`.
+    public func begin(_ producer: KafkaProducer, count: Int, context: Context) -> Group {
         precondition(count > 0 && count <= Self.maxGroupSize, "a group has 1...\(Self.maxGroupSize) messages")
         return lock.withLock {
             let number = nextGroup
             // 43 bits of group number (20 are the index, 1 the producer's); wraps after 2^43 groups.
             nextGroup = nextGroup == PendingGroups.maxNumber ? 1 : nextGroup + 1
-            pending.groups[number] = Pending(producer: ObjectIdentifier(producer), count: count, storage: storage)
+            pending.groups[number] = Pending(producer: ObjectIdentifier(producer), count: count)
             contexts[number] = context
             return Group(number: number, count: count)
         }
@@ -183,12 +184,12 @@ public final class ProducerPool<Context: Sendable>: @unchecked Sendable {
     }
 
     /// Forgets the groups whose context matches (their outcomes are no longer wanted, e.g. the
-    /// router connection they came from is gone). What they lent stays until their reports.
+    /// router connection they came from is gone).
     public func forget(where match: (Context) -> Bool) {
         lock.withLock {
             for (number, context) in contexts where match(context) {
                 contexts[number] = nil
-                if pending.groups[number]?.storage == nil { pending.groups[number] = nil }
+                pending.groups[number] = nil
             }
         }
     }
@@ -206,37 +207,11 @@ public final class ProducerPool<Context: Sendable>: @unchecked Sendable {
             return Array(gone.values)
         }
         guard !unused.isEmpty else { return 0 }
-        Thread.detachNewThread { [weak self] in
-            for p in unused {
-                guard p.flush(timeout: .seconds(30)) > 0, let self else { continue }
-                let closed = KafkaError(
-                    code: RD_KAFKA_RESP_ERR__DESTROY.rawValue, name: "_DESTROY",
-                    message: "the producer was closed (its destinations are gone) before these were reported", isRetriable: true)
-                let orphaned = self.lock.withLock { self.abandon(p, error: closed) }
-                if !orphaned.isEmpty { self.onOutcomes(orphaned) }
-            }
+        Thread.detachNewThread {
+            for p in unused { _ = p.flush(timeout: .seconds(30)) }
             // Destroyed when this closure lets go of the last reference.
         }
         return unused.count
-    }
-
-    /// Takes a producer that will report nothing more off the books (call under `lock`): its
-    /// groups are answered as retryable with `error`'s reason, and the bytes they lent stay with
-    /// the producer until librdkafka is destroyed.
-    private func abandon(_ producer: KafkaProducer, error: KafkaError) -> [Outcome] {
-        let id = ObjectIdentifier(producer)
-        var orphaned: [Outcome] = []
-        var lent: [ByteBuffer] = []
-        for (number, group) in pending.groups where group.producer == id {
-            pending.groups[number] = nil
-            if let storage = group.storage { lent.append(storage) }
-            guard let context = contexts.removeValue(forKey: number) else { continue }
-            let retry = KafkaError(code: error.code, name: error.name, message: error.message, isRetriable: true)
-            let failures = (group.failures + group.unsettled.map { ($0, retry) }).sorted { $0.index < $1.index }
-            orphaned.append(Outcome(context: context, count: group.count, failures: failures))
-        }
-        producer.keepUntilDestroyed(lent)
-        return orphaned
     }
 
     /// Waits until every producer delivered what it holds, or `timeout` passes (blocking).

@@ -65,12 +65,7 @@ public struct Delivery: Sendable {
             throw .invalidFrame("batch frame without a topic")
         }
         let headers = KafkaHeaders(frame.headers?.map { ($0.name, $0.value) } ?? [])
-        // The messages are lent to librdkafka from the frame's payload, which the group keeps:
-        // per event, copying each value (and allocating it with its message, too large for
-        // malloc's thread cache) cost kafka-out ≈ 10% of its CPU.
-        let group = pool.begin(
-            producer, count: messages.count, context: FrameReply(peer: peer, routerID: frame.id, several: frame.parts != nil),
-            keeping: frame.payload)
+        let group = pool.begin(producer, count: messages.count, context: FrameReply(peer: peer, routerID: frame.id, several: frame.parts != nil))
         var key = frame.key
         var current: (name: String, topic: KafkaTopic)?
         for (index, m) in messages.enumerated() {
@@ -101,15 +96,13 @@ public struct Delivery: Sendable {
             func with(key k: UnsafeRawBufferPointer?) -> KafkaError? {
                 do throws(KafkaError) {
                     guard var eventID else {
-                        try producer.produce(topic: topic, key: k, value: value, headers: headers, id: id, lent: true)
+                        try producer.produce(topic: topic, key: k, value: value, headers: headers, id: id)
                         return nil
                     }
                     let name = UnsafeRawPointer(eventIDHeader.utf8Start).assumingMemoryBound(to: CChar.self)
                     return eventID.withUTF8 { v in
                         do throws(KafkaError) {
-                            try producer.produce(
-                                topic: topic, key: k, value: value, headers: headers, extra: (name, UnsafeRawBufferPointer(v)), id: id,
-                                lent: true)
+                            try producer.produce(topic: topic, key: k, value: value, headers: headers, extra: (name, UnsafeRawBufferPointer(v)), id: id)
                             return nil
                         } catch { return error }
                     }

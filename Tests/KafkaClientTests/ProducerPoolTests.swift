@@ -1,7 +1,6 @@
 import Foundation
 import KafkaClient
 import NIOConcurrencyHelpers
-@_spi(CustomByteBufferAllocator) import NIOCore
 import TestSupport
 import XCTest
 
@@ -111,77 +110,4 @@ final class ProducerPoolTests: XCTestCase {
         XCTAssertEqual(producer.flush(timeout: .seconds(10)), 0)
         XCTAssertEqual(outcomes.all.map(\.context), ["kept"])
     }
-
-    /// Messages lent to librdkafka from a buffer whose only other owner lets go at once: the pool
-    /// keeps the bytes until every message is reported (also for a forgotten group), then lets
-    /// them go. The buffer's allocator overwrites a block when it is freed, so bytes let go too
-    /// early reach the broker as "X"s.
-    func testLentBytesStayUntilTheirMessagesAreReported() throws {
-        let cluster = try MockCluster(brokers: 1)
-        let outcomes = Outcomes()
-        let pool = ProducerPool<String>(logger: .init(label: "test"), onOutcomes: outcomes.add)
-        let producer = try pool.producer(
-            for: .init(bootstrapServers: cluster.bootstrapServers, securityProtocol: .plaintext), metadata: [:])
-        let topic = try producer.topic("lent")
-        let before = PoisoningAllocator.frees
-
-        func lend(_ values: [String], context: String) -> ProducerPool<String>.Group {
-            var buffer = PoisoningAllocator.allocator.buffer(capacity: 4096)
-            var ranges: [Range<Int>] = []
-            for v in values {
-                let start = buffer.writerIndex
-                buffer.writeString(v)
-                ranges.append(start..<buffer.writerIndex)
-            }
-            let group = pool.begin(producer, count: values.count, context: context, keeping: buffer)
-            for (i, r) in ranges.enumerated() {
-                let slice = buffer.getSlice(at: r.lowerBound, length: r.count)!
-                let failure: KafkaError? = slice.withUnsafeReadableBytes { value in
-                    do throws(KafkaError) {
-                        try producer.produce(topic: topic, key: nil, value: value, headers: KafkaHeaders([]), id: group.id(i), lent: true)
-                        return nil
-                    } catch { return error }
-                }
-                XCTAssertNil(failure)
-            }
-            return group
-        }
-        _ = lend(["{\"kept\":0}", "{\"kept\":1}"], context: "kept")
-        _ = lend(["{\"forgotten\":0}"], context: "forgotten")
-        pool.forget { $0 == "forgotten" }
-
-        XCTAssertTrue(eventually { outcomes.all.count == 1 })
-        XCTAssertEqual(producer.flush(timeout: .seconds(10)), 0)
-        XCTAssertEqual(outcomes.all.map(\.context), ["kept"])
-        XCTAssertEqual(outcomes.all.first?.failures.isEmpty, true)
-        let values = try Kcat.consume(bootstrap: cluster.bootstrapServers, topic: "lent").map(\.value).sorted()
-        XCTAssertEqual(values, ["{\"forgotten\":0}", "{\"kept\":0}", "{\"kept\":1}"])
-        XCTAssertTrue(eventually { PoisoningAllocator.frees - before >= 2 }, "both buffers are let go once reported")
-    }
-}
-
-/// A `ByteBufferAllocator` whose freed blocks are overwritten with "X" first, and counted. Each
-/// block carries its size in 16 bytes before the buffer's.
-enum PoisoningAllocator {
-    private static let count = NIOLockedValueBox(0)
-    static var frees: Int { count.withLockedValue { $0 } }
-
-    static let allocator = ByteBufferAllocator(
-        allocate: { size in
-            let block = malloc(size + 16)!
-            block.storeBytes(of: size, as: Int.self)
-            return block + 16
-        },
-        reallocate: { pointer, _, size in
-            let block = realloc(pointer.map { $0 - 16 }, size + 16)!
-            block.storeBytes(of: size, as: Int.self)
-            return block + 16
-        },
-        deallocate: { pointer in
-            let block = pointer - 16
-            memset(pointer, 0x58, block.load(as: Int.self))
-            PoisoningAllocator.count.withLockedValue { $0 += 1 }
-            free(block)
-        },
-        copy: { memcpy($0, $1, $2) })
 }
