@@ -172,7 +172,7 @@ final class Spool: Sendable {
 
     init(
         directory: String, maxBytes: Int, maxBacklogPerDestination: Int = 100_000, segmentBytes: Int64 = 64 << 20,
-        commitDelay: Duration = .microseconds(1000), commitDelayOperations: Int = 8, applyInterval: Duration = .milliseconds(100),
+        commitDelay: Duration = .microseconds(IngestSettings().spoolCommitDelayUs), commitDelayOperations: Int = 8, applyInterval: Duration = .milliseconds(100),
         applyAfter: Duration = .seconds(1), freshMaxBytes: Int = 4 << 20, logger: Logger = Logger(label: "sluice.spool")
     ) throws {
         self.logger = logger
