@@ -85,19 +85,23 @@ final class FrameCodecTests: XCTestCase {
     /// A batch's per-event messages travel in one frame: the payload is their array, the parts
     /// give each one's length, topic and event id; the receiver cuts them out by length.
     func testSeveralMessagesInOneFrameAreCutByTheirParts() throws {
-        let messages = [#"{"a":"],[","b":1}"#, "[1,2]", #"{"c":"\u00e9"}"#]
+        let messages = [#"{"a":"],[","b":1}"#, "[1,2]", #"{"c":"\u00e9"}"#, "{}"]
+        let topics = [nil, "purchases", nil, "caf\u{e9}"]
+        // Ids and topics written as they are, and one that needs escapes.
+        let ids = ["e0", "e1", nil, "q\"x\\\n"]
         var frame = Frame(type: .batch, id: 9)
-        (frame.payload, frame.parts) = Frame.pack(
-            messages.enumerated().map { (ByteBuffer(string: $1), $0 == 1 ? "purchases" : nil, $0 == 2 ? nil : "e\($0)") })
+        (frame.payload, frame.parts) = Frame.pack(messages.indices.map { (ByteBuffer(string: messages[$0]), topics[$0], ids[$0]) })
         frame.destination = "acme/a#1"
         frame.headers = [Header("sluice-batch-id", "b-1")]
         var wire = encoded([frame])
+        let text = String(buffer: wire)
+        XCTAssertTrue(text.contains(#""parts":[[17,null,"e0"],[5,"purchases","e1"],[14,null,null],[2,"café","q\"x\\\n"]]"#), text)
         let decoded = try XCTUnwrap(try FrameDecoder().next(&wire))
         XCTAssertEqual(decoded, frame)
         let cut = try decoded.messages()
         XCTAssertEqual(cut.map { String(buffer: $0.payload) }, messages)
-        XCTAssertEqual(cut.map { $0.part?.topic }, [nil, "purchases", nil])
-        XCTAssertEqual(cut.map { $0.part?.eventID }, ["e0", "e1", nil])
+        XCTAssertEqual(cut.map { $0.part?.topic }, topics)
+        XCTAssertEqual(cut.map { $0.part?.eventID }, ids)
         // A frame without parts is one message: its payload.
         XCTAssertEqual(try sampleFrames()[1].messages().map { String(buffer: $0.payload) }, [String(buffer: sampleFrames()[1].payload!)])
     }

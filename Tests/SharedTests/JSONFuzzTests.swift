@@ -13,11 +13,12 @@ final class JSONFuzzTests: XCTestCase {
         Array("a".utf8), Array("hello".utf8), Array("0123456789abcdef".utf8), Array(" ".utf8),
         Array("\\\"".utf8), Array("\\\\".utf8), Array("\\n".utf8), Array("\\/".utf8), Array("\\u00e9".utf8),
         Array("\\ud83d\\ude00".utf8), Array("é".utf8), Array("日本".utf8), Array("😀".utf8), [0x7F],
+        Array("\\u0001\\t\\r\\b\\f\\u001f".utf8),
         // invalid: raw control characters, bad escapes, broken or forbidden UTF-8, lone surrogates
         [0x09], [0x00], [0x1F], Array("\\x".utf8), Array("\\u12".utf8), Array("\\ud83d".utf8), [0xFF], [0xC0, 0x80],
         [0x80], [0xE2, 0x82], [0xED, 0xA0, 0x80], [0xF4, 0x90, 0x80, 0x80], [0xC3],
     ]
-    static let invalidFrom = 14
+    static let invalidFrom = 15
 
     func randomBody(_ rng: inout SeededRNG, invalidChance: Int) -> [UInt8] {
         var body: [UInt8] = []
@@ -46,6 +47,11 @@ final class JSONFuzzTests: XCTestCase {
                 return elements.flatMap { JSON.string(UnsafeRawBufferPointer(rebasing: raw[$0[0]])) }
             }
             XCTAssertEqual(decoded, expected, "round \(round)")
+            // Written back (escaped where JSON needs it), it reads as the same string.
+            var written = ByteBuffer()
+            JSON.writeString(expected, into: &written)
+            let back = try? JSONSerialization.jsonObject(with: Data(written.readableBytesView), options: .fragmentsAllowed) as? String
+            XCTAssertEqual(back, expected, "round \(round): \(String(buffer: written))")
         }
         XCTAssertGreaterThan(accepted, 10_000)
     }

@@ -86,6 +86,45 @@ public struct Frame: Sendable, Equatable {
             self.topic = topic
             self.eventID = eventID
         }
+
+        /// Writes `[[bytes,topic,eventID],…]` (null for a missing string) in one write: a frame
+        /// has a part per event, and ByteBuffer checks capacity and ownership on every write.
+        static func write(_ parts: [Part], into out: inout ByteBuffer) {
+            var room = 2
+            for p in parts {
+                room += 48 + JSON.maxStringBytes(p.topic?.utf8.count ?? 0) + JSON.maxStringBytes(p.eventID?.utf8.count ?? 0)
+            }
+            out.writeWithUnsafeMutableBytes(minimumWritableBytes: room) { b in
+                var i = 0
+                func put(_ text: String?) {
+                    b[i] = UInt8(ascii: ",")
+                    i += 1
+                    if let text {
+                        i += JSON.withUTF8(text) { b.putString($0, at: i) }
+                    } else {
+                        UnsafeMutableRawBufferPointer(rebasing: b[i..<(i + 4)]).copyBytes(from: "null".utf8)
+                        i += 4
+                    }
+                }
+                b[i] = UInt8(ascii: "[")
+                i += 1
+                for k in parts.indices {
+                    if k > 0 {
+                        b[i] = UInt8(ascii: ",")
+                        i += 1
+                    }
+                    b[i] = UInt8(ascii: "[")
+                    i += 1
+                    i += b.putDecimal(parts[k].bytes, at: i)
+                    put(parts[k].topic)
+                    put(parts[k].eventID)
+                    b[i] = UInt8(ascii: "]")
+                    i += 1
+                }
+                b[i] = UInt8(ascii: "]")
+                return i + 1
+            }
+        }
     }
 
     public init(type: FrameType, id: UInt64 = 0) {
@@ -165,8 +204,8 @@ extension Frame {
         out.writeStaticString("{\"type\":")
         JSON.writeString(type.rawValue, into: &out)
         out.writeStaticString(",\"id\":")
-        out.writeString(String(id))
-        if let version { out.writeStaticString(",\"version\":"); out.writeString(String(version)) }
+        out.writeDecimal(id)
+        if let version { out.writeStaticString(",\"version\":"); out.writeDecimal(version) }
         func field(_ name: StaticString, _ value: String?) {
             guard let value else { return }
             out.writeStaticString(name)
@@ -193,23 +232,8 @@ extension Frame {
             out.writeInteger(UInt8(ascii: "}"))
         }
         if let parts {
-            out.writeStaticString(",\"parts\":[")
-            func text(_ text: String?) {
-                if let text {
-                    out.writeInteger(UInt8(ascii: ","))
-                    JSON.writeString(text, into: &out)
-                } else {
-                    out.writeStaticString(",null")
-                }
-            }
-            for (i, part) in parts.enumerated() {
-                out.writeStaticString(i == 0 ? "[" : ",[")
-                out.writeString(String(part.bytes))
-                text(part.topic)
-                text(part.eventID)
-                out.writeInteger(UInt8(ascii: "]"))
-            }
-            out.writeInteger(UInt8(ascii: "]"))
+            out.writeStaticString(",\"parts\":")
+            Part.write(parts, into: &out)
         }
         if let retryable {
             if retryable { out.writeStaticString(",\"retryable\":true") } else { out.writeStaticString(",\"retryable\":false") }
@@ -217,7 +241,7 @@ extension Frame {
         if let payload {
             // Its length first: the receiver steps over the payload instead of scanning it.
             out.writeStaticString(",\"payload_bytes\":")
-            out.writeString(String(payload.readableBytes))
+            out.writeDecimal(payload.readableBytes)
             out.writeStaticString(",\"payload\":")
             out.setInteger(UInt32(out.writerIndex - start + payload.readableBytes + 1), at: lengthIndex)
         } else {

@@ -116,33 +116,21 @@ public enum JSON {
 
     /// Writes `string` as a JSON string literal (quotes included).
     public static func writeString(_ string: String, into out: inout ByteBuffer) {
-        let utf8 = string.utf8
-        let fast = utf8.withContiguousStorageIfAvailable { raw -> Bool in
-            if !raw.contains(where: { $0 < 0x20 || $0 == UInt8(ascii: "\"") || $0 == UInt8(ascii: "\\") }) {
-                out.writeQuoted(UnsafeRawBufferPointer(raw))
-                return true
-            }
-            return false
+        withUTF8(string) { bytes in
+            out.writeWithUnsafeMutableBytes(minimumWritableBytes: maxStringBytes(bytes.count)) { $0.putString(bytes, at: 0) }
         }
-        if fast != true {
-            out.writeInteger(UInt8(ascii: "\""))
-            for b in utf8 {
-                switch b {
-                case UInt8(ascii: "\""): out.writeStaticString("\\\"")
-                case UInt8(ascii: "\\"): out.writeStaticString("\\\\")
-                case 0x0A: out.writeStaticString("\\n")
-                case 0x0D: out.writeStaticString("\\r")
-                case 0x09: out.writeStaticString("\\t")
-                case 0..<0x20:
-                    out.writeStaticString("\\u00")
-                    let hex = Array("0123456789abcdef".utf8)
-                    out.writeInteger(hex[Int(b >> 4)])
-                    out.writeInteger(hex[Int(b & 0xF)])
-                default: out.writeInteger(b)
-                }
-            }
-            out.writeInteger(UInt8(ascii: "\""))
-        }
+    }
+
+    /// The most bytes a JSON string literal of `count` UTF-8 bytes can take (every byte a
+    /// `\u00XX`, and the quotes).
+    @inlinable
+    public static func maxStringBytes(_ count: Int) -> Int { count * 6 + 2 }
+
+    /// Runs `body` over a string's UTF-8 bytes.
+    @inlinable
+    public static func withUTF8<T>(_ string: String, _ body: (UnsafeRawBufferPointer) -> T) -> T {
+        if let result = string.utf8.withContiguousStorageIfAvailable({ body(UnsafeRawBufferPointer($0)) }) { return result }
+        return Array(string.utf8).withUnsafeBytes(body)
     }
 }
 
@@ -170,5 +158,91 @@ extension ByteBuffer {
             out[bytes.count + 1] = UInt8(ascii: "\"")
             return bytes.count + 2
         }
+    }
+
+    /// Writes a non-negative integer's decimal digits (no `String` made for it).
+    public mutating func writeDecimal<T: BinaryInteger>(_ value: T) {
+        writeWithUnsafeMutableBytes(minimumWritableBytes: 40) { out in out.putDecimal(value, at: 0) }
+    }
+}
+
+extension UnsafeMutableRawBufferPointer {
+    /// Puts `value`'s decimal digits at `offset` (a minus sign first when negative; room for 40
+    /// bytes is enough for any 128-bit integer); returns how many bytes it put.
+    @inlinable
+    public func putDecimal<T: BinaryInteger>(_ value: T, at offset: Int) -> Int {
+        var i = offset
+        if value < 0 {
+            self[i] = UInt8(ascii: "-")
+            i += 1
+        }
+        var n = value.magnitude
+        let start = i
+        repeat {
+            let (q, r) = n.quotientAndRemainder(dividingBy: 10)
+            self[i] = UInt8(ascii: "0") &+ UInt8(truncatingIfNeeded: r)
+            i += 1
+            n = q
+        } while n != 0
+        // The digits went in lowest first.
+        var (lo, hi) = (start, i - 1)
+        while lo < hi {
+            swapAt(lo, hi)
+            lo += 1
+            hi -= 1
+        }
+        return i - offset
+    }
+
+    /// Puts `bytes` (UTF-8) at `offset` as a JSON string literal, escaped where JSON needs it;
+    /// returns the bytes put (at most `JSON.maxStringBytes(bytes.count)`).
+    @inlinable
+    public func putString(_ bytes: UnsafeRawBufferPointer, at offset: Int) -> Int {
+        if JSON.isPlain(bytes) { return putQuoted(bytes, at: offset) }
+        let hex: StaticString = "0123456789abcdef"
+        var i = offset
+        func put(_ a: UInt8, _ b: UInt8) {
+            self[i] = a
+            self[i + 1] = b
+            i += 2
+        }
+        self[i] = UInt8(ascii: "\"")
+        i += 1
+        for b in bytes {
+            switch b {
+            case UInt8(ascii: "\""): put(UInt8(ascii: "\\"), b)
+            case UInt8(ascii: "\\"): put(b, b)
+            case 0x0A: put(UInt8(ascii: "\\"), UInt8(ascii: "n"))
+            case 0x0D: put(UInt8(ascii: "\\"), UInt8(ascii: "r"))
+            case 0x09: put(UInt8(ascii: "\\"), UInt8(ascii: "t"))
+            case 0..<0x20:
+                put(UInt8(ascii: "\\"), UInt8(ascii: "u"))
+                put(UInt8(ascii: "0"), UInt8(ascii: "0"))
+                put(hex.utf8Start[Int(b >> 4)], hex.utf8Start[Int(b & 0xF)])
+            default:
+                self[i] = b
+                i += 1
+            }
+        }
+        self[i] = UInt8(ascii: "\"")
+        return i + 1 - offset
+    }
+
+    /// Puts `bytes` between quotes at `offset` (they need no escaping); returns the bytes put.
+    @inlinable
+    public func putQuoted(_ bytes: UnsafeRawBufferPointer, at offset: Int) -> Int {
+        self[offset] = UInt8(ascii: "\"")
+        UnsafeMutableRawBufferPointer(rebasing: self[(offset + 1)...]).copyMemory(from: bytes)
+        self[offset + bytes.count + 1] = UInt8(ascii: "\"")
+        return bytes.count + 2
+    }
+}
+
+extension JSON {
+    /// Whether these UTF-8 bytes can go between quotes as they are (no quote, backslash or control
+    /// character to escape).
+    @inlinable
+    public static func isPlain(_ bytes: UnsafeRawBufferPointer) -> Bool {
+        !bytes.contains { $0 < 0x20 || $0 == UInt8(ascii: "\"") || $0 == UInt8(ascii: "\\") }
     }
 }
