@@ -46,8 +46,10 @@ public struct KafkaConnectionSettings: Sendable, Equatable {
     }
 
     /// Whether the integration forwards this type at all (`supportedEventTypes`).
-    static func supports(_ type: EventType) -> Bool { supportedTypes.contains(type) }
+    static func supports(_ type: EventType) -> Bool { supportsAll || supportedTypes.contains(type) }
     private static let supportedTypes = Set(EventType.allCases.filter { supportedEventTypes.contains($0.rawValue) })
+    /// Every type `EventType` knows is supported (true today): no hashing per event then.
+    private static let supportsAll = supportedTypes.count == EventType.allCases.count
 
     /// Whether these settings forward a supported type (the switches for the optional ones).
     func forwards(_ type: EventType) -> Bool {

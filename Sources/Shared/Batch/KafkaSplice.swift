@@ -151,17 +151,20 @@ extension KafkaConnectionSettings {
             before.withUnsafeReadableBytes { head in
                 after.withUnsafeReadableBytes { tail in
                     for (i, event) in events.enumerated() {
+                        if case .bytes(let range) = event {
+                            // One write per message, its separator included: each of ByteBuffer's
+                            // writes checks capacity and ownership, and per event the router made
+                            // five per message.
+                            let start = all.writerIndex + (i > 0 ? 1 : 0)
+                            all.writeJoined(separator: i > 0, head, UnsafeRawBufferPointer(rebasing: raw[range]), tail)
+                            ranges.append(start..<all.writerIndex)
+                            continue
+                        }
                         if i > 0 { all.writeInteger(UInt8(ascii: ",")) }
                         let start = all.writerIndex
-                        if case .bytes(let range) = event {
-                            // One write per message: each of ByteBuffer's writes checks capacity
-                            // and ownership, and per event the router made four per message.
-                            all.writeJoined(head, UnsafeRawBufferPointer(rebasing: raw[range]), tail)
-                        } else {
-                            all.writeBytes(head)
-                            event.write(raw, into: &all)
-                            all.writeBytes(tail)
-                        }
+                        all.writeBytes(head)
+                        event.write(raw, into: &all)
+                        all.writeBytes(tail)
                         ranges.append(start..<all.writerIndex)
                     }
                 }
@@ -206,14 +209,19 @@ extension KafkaConnectionSettings {
 }
 
 extension ByteBuffer {
-    /// Appends three runs of bytes with one capacity check.
-    fileprivate mutating func writeJoined(_ a: UnsafeRawBufferPointer, _ b: UnsafeRawBufferPointer, _ c: UnsafeRawBufferPointer) {
-        writeWithUnsafeMutableBytes(minimumWritableBytes: a.count + b.count + c.count) { out in
-            let ab = a.count + b.count
-            UnsafeMutableRawBufferPointer(rebasing: out[0..<a.count]).copyMemory(from: a)
-            UnsafeMutableRawBufferPointer(rebasing: out[a.count..<ab]).copyMemory(from: b)
-            UnsafeMutableRawBufferPointer(rebasing: out[ab..<(ab + c.count)]).copyMemory(from: c)
-            return ab + c.count
+    /// Appends three runs of bytes, after a comma when `separator`, with one capacity check.
+    fileprivate mutating func writeJoined(
+        separator: Bool, _ a: UnsafeRawBufferPointer, _ b: UnsafeRawBufferPointer, _ c: UnsafeRawBufferPointer
+    ) {
+        let s = separator ? 1 : 0
+        writeWithUnsafeMutableBytes(minimumWritableBytes: s + a.count + b.count + c.count) { out in
+            if separator { out[0] = UInt8(ascii: ",") }
+            let sa = s + a.count
+            let sab = sa + b.count
+            UnsafeMutableRawBufferPointer(rebasing: out[s..<sa]).copyMemory(from: a)
+            UnsafeMutableRawBufferPointer(rebasing: out[sa..<sab]).copyMemory(from: b)
+            UnsafeMutableRawBufferPointer(rebasing: out[sab..<(sab + c.count)]).copyMemory(from: c)
+            return sab + c.count
         }
     }
 }
