@@ -38,11 +38,13 @@ ROWS = [
     ("foundation-frame-encode", None),
     ("frame-decode", "foundation-frame-decode"),
     ("foundation-frame-decode", None),
+    ("frame-encode-split", None),
+    ("frame-decode-split", None),
     ("keen", "foundation-keen"),
     ("keen-tree", "foundation-keen"),
     ("foundation-keen", None),
 ]
-CHEAP = {"validate", "frame-encode", "frame-decode", "foundation-frame-encode"}
+CHEAP = {"validate", "frame-encode", "frame-decode", "foundation-frame-encode", "frame-encode-split", "frame-decode-split"}
 
 
 def main():

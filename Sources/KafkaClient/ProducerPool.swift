@@ -41,7 +41,7 @@ private struct PendingGroups {
     var groups: [UInt64: Pending] = [:]
 
     /// Settles the messages; returns the groups now complete (removed).
-    mutating func settle(_ results: [(id: UInt64, error: KafkaError?)]) -> [(number: UInt64, group: Pending)] {
+    mutating func settle<Results: Sequence<(id: UInt64, error: KafkaError?)>>(_ results: Results) -> [(number: UInt64, group: Pending)] {
         let mask: UInt64 = (1 << Self.indexBits) - 1
         var done: [(number: UInt64, group: Pending)] = []
         for (id, error) in results {
@@ -220,11 +220,11 @@ public final class ProducerPool<Context: Sendable>: @unchecked Sendable {
     }
 
     private func delivered(_ reports: [DeliveryReport]) {
-        settle(reports.map { ($0.id, $0.error) })
+        settle(reports.lazy.map { (id: $0.id, error: $0.error) })
     }
 
     /// Settles messages by id; answers the groups that are complete.
-    private func settle(_ results: [(id: UInt64, error: KafkaError?)]) {
+    private func settle<Results: Sequence<(id: UInt64, error: KafkaError?)>>(_ results: Results) {
         let outcomes: [Outcome] = lock.withLock {
             pending.settle(results).compactMap { number, group in
                 contexts.removeValue(forKey: number).map {

@@ -122,12 +122,20 @@ final class FrameCodecTests: XCTestCase {
             let frame = try Frame.decode(body: body(parts, payload))
             XCTAssertThrowsError(try frame.messages(), "\(parts) \(payload)")
         }
-        for parts in ["{}", "[[2]]", "[[\"2\",null,null]]", "[[2,1,null]]"] {
+        let malformed = [
+            "{}", "[[2]]", "[[\"2\",null,null]]", "[[2,1,null]]", "[[02,null,null]]", "[[-2,null,null]]", "[[2.0,null,null]]",
+            "[[2,null]]", "[[2,null,null,null]]", "[[2,nul,null]]", "[[2,null,\"\\x\"]]", "[[2,null,null],]", "[[2,null,null]",
+            "[[,null,null]]", "[2,null,null]",
+        ]
+        for parts in malformed {
             XCTAssertThrowsError(try Frame.decode(body: body(parts, "[{}]")), parts) { error in
                 XCTAssertEqual((error as? FrameError)?.code, "FRAME_INVALID")
             }
         }
         XCTAssertEqual(try Frame.decode(body: body("[[2,null,null],[2,\"t\",\"e\"]]", "[{},[]]")).messages().count, 2)
+        // Whitespace anywhere JSON allows it, escapes decoded.
+        let spaced = try Frame.decode(body: body(" [ [ 2 , null , \"e\\u0031\" ] , [0,\"t\",null] ] ", "[{},]"))
+        XCTAssertEqual(spaced.parts, [Frame.Part(bytes: 2, eventID: "e1"), Frame.Part(bytes: 0, topic: "t")])
     }
 
     /// Some messages of a frame failed: one nack lists them (the others were delivered).

@@ -417,45 +417,65 @@ extension Frame {
     }
 
     /// Reads `parts` (`[[bytes, topic or null, event id or null], …]`) at the scanner's position,
-    /// validating as it goes.
-    static func readParts(_ s: inout JSONScanner) throws -> [Part] {
+    /// validating as it goes. A loop of its own, not `readArray` with closures: a frame has a part
+    /// per event, and kafka-out decodes every one (the closures and their generic machinery were
+    /// half of a per-event frame's decoding).
+    static func readParts(_ s: inout JSONScanner) throws(FrameError) -> [Part] {
         let invalid = FrameError.invalidFrame("'parts' must be an array of [bytes, topic or null, event id or null]")
-        func text(_ s: inout JSONScanner) throws -> String? {
+        func expect(_ byte: UInt8, _ s: inout JSONScanner) throws(FrameError) {
+            s.skipWhitespace()
+            guard s.peek() == byte else { throw invalid }
+            s.index += 1
+            s.skipWhitespace()
+        }
+        func text(_ s: inout JSONScanner) throws(FrameError) -> String? {
             switch s.peek() {
-            case UInt8(ascii: "\""): return try s.readString()
+            case UInt8(ascii: "\""):
+                do { return try s.readString() } catch { throw invalid }
             case UInt8(ascii: "n"):
-                let start = s.position
-                try s.skipValue(depth: 3)
-                guard s.position - start == 4 else { throw invalid }
+                do { try s.literal("null") } catch { throw invalid }
                 return nil
             default: throw invalid
             }
         }
-        var parts: [Part] = []
-        guard s.peek() == UInt8(ascii: "[") else { throw invalid }
-        try s.readArray(depth: 1) { s, _ in
-            var part = Part(bytes: -1)
-            guard s.peek() == UInt8(ascii: "[") else { throw invalid }
-            let fields = try s.readArray(depth: 2) { s, i in
-                switch i {
-                case 0:
-                    let start = s.position
-                    try s.skipValue(depth: 3)
-                    var n = 0
-                    for b in s.bytes(start..<s.position) {
-                        guard b >= UInt8(ascii: "0"), b <= UInt8(ascii: "9"), n < Int.max / 10 - 9 else { throw invalid }
-                        n = n * 10 + Int(b - UInt8(ascii: "0"))
-                    }
-                    part.bytes = n
-                case 1: part.topic = try text(&s)
-                case 2: part.eventID = try text(&s)
-                default: throw invalid
-                }
+        /// A length: digits only, no leading zero.
+        func count(_ s: inout JSONScanner) throws(FrameError) -> Int {
+            let start = s.index
+            var n = 0
+            while let b = s.peek(), b &- UInt8(ascii: "0") < 10 {
+                guard n < Int.max / 10 - 9 else { throw invalid }
+                n = n * 10 + Int(b &- UInt8(ascii: "0"))
+                s.index += 1
             }
-            guard fields == 3 else { throw invalid }
-            parts.append(part)
+            guard s.index > start, s.bytes[start] != UInt8(ascii: "0") || s.index == start + 1 else { throw invalid }
+            return n
         }
-        return parts
+        var parts: [Part] = []
+        try expect(UInt8(ascii: "["), &s)
+        if s.peek() == UInt8(ascii: "]") {
+            s.index += 1
+            return parts
+        }
+        while true {
+            try expect(UInt8(ascii: "["), &s)
+            let bytes = try count(&s)
+            try expect(UInt8(ascii: ","), &s)
+            let topic = try text(&s)
+            try expect(UInt8(ascii: ","), &s)
+            let eventID = try text(&s)
+            s.skipWhitespace()
+            guard s.peek() == UInt8(ascii: "]") else { throw invalid }
+            s.index += 1
+            parts.append(Part(bytes: bytes, topic: topic, eventID: eventID))
+            s.skipWhitespace()
+            switch s.peek() {
+            case UInt8(ascii: ","): s.index += 1
+            case UInt8(ascii: "]"):
+                s.index += 1
+                return parts
+            default: throw invalid
+            }
+        }
     }
 }
 

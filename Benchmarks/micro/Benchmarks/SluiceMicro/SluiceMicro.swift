@@ -26,6 +26,8 @@ let suite: [(group: String, op: String, label: String)] = [
     ("4 frame", "foundation-frame-encode", "Foundation JSONEncoder (Codable, payload string)"),
     ("4 frame", "frame-decode", "Sluice FrameDecoder.next"),
     ("4 frame", "foundation-frame-decode", "Foundation JSONDecoder (Codable, payload string)"),
+    ("4 frame", "frame-encode-split", "Sluice Frame.encode, a part per event (router, send_as_batch false)"),
+    ("4 frame", "frame-decode-split", "Sluice FrameDecoder.next + messages, a part per event (kafka-out)"),
     ("5 keen", "keen", "Sluice parse + KeenDestination.events"),
     ("5 keen", "keen-tree", "Sluice events only (tree given)"),
     ("5 keen", "foundation-keen", "Foundation parse + build + serialize per event"),

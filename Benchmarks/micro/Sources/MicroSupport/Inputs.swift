@@ -202,6 +202,14 @@ public enum Inputs {
     public static let batchID = "9f86d081884c7d65-42"
 
     /// A router → kafka-out batch frame carrying `payload`.
+    /// The router's frame for a batch's per-event messages (as `batchFrame`, with parts).
+    public static func splitFrame(_ output: KafkaBatchOutput) -> Frame {
+        var f = batchFrame(ByteBuffer())
+        let messages = output.messages.enumerated().map { (payload: $1, topic: String?.none, eventID: Optional(output.eventIDs[$0])) }
+        (f.payload, f.parts) = Frame.pack(messages)
+        return f
+    }
+
     public static func batchFrame(_ payload: ByteBuffer) -> Frame {
         var f = Frame(type: .batch, id: 123_456_789)
         f.tenant = "tenant-0042"

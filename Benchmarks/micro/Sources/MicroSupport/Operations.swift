@@ -16,6 +16,7 @@ public struct Operation {
         "splice", "apply", "apply-tree", "foundation-apply",
         "splice-split", "split", "split-tree", "foundation-split",
         "frame-encode", "frame-decode", "foundation-frame-encode", "foundation-frame-decode",
+        "frame-encode-split", "frame-decode-split",
         "keen", "keen-tree", "foundation-keen",
     ]
 
@@ -33,6 +34,9 @@ public struct Operation {
         let frame = Inputs.batchFrame(buffer)
         var encodedFrame = ByteBuffer()
         frame.encode(into: &encodedFrame)
+        let splitFrame = Inputs.splitFrame(try! eventSettings.splice(buffer, receivedAt: Inputs.receivedAt))
+        var encodedSplitFrame = ByteBuffer()
+        splitFrame.encode(into: &encodedSplitFrame)
         let codableFrame = FoundationImpl.CodableFrame(frame)
         let encodedCodable = try! FoundationImpl.encodeFrame(codableFrame, encoder: encoder)
         let receivedAt = Inputs.receivedAt
@@ -84,6 +88,20 @@ public struct Operation {
             run = {
                 var input = encodedFrame
                 return (try! FrameDecoder().next(&input))!.payload!.readableBytes
+            }
+        case "frame-encode-split":
+            // The router's frame of a batch's per-event messages: a part (length, topic, event
+            // id) per message, the messages as the payload.
+            run = {
+                var out = ByteBuffer()
+                splitFrame.encode(into: &out)
+                return out.readableBytes
+            }
+        case "frame-decode-split":
+            // kafka-out's side: decode it and cut out the messages.
+            run = {
+                var input = encodedSplitFrame
+                return try! (try! FrameDecoder().next(&input))!.messages().count
             }
         case "foundation-frame-encode":
             run = { try! FoundationImpl.encodeFrame(codableFrame, encoder: encoder).count }
