@@ -90,6 +90,8 @@ public struct Frame: Sendable, Equatable {
         /// Writes `[[bytes,topic,eventID],…]` (null for a missing string) in one write: a frame
         /// has a part per event, and ByteBuffer checks capacity and ownership on every write.
         static func write(_ parts: [Part], into out: inout ByteBuffer) {
+            // Per part: brackets, commas and up to 20 digits, "null" for a missing string (two
+            // bytes more than an empty one) — 48 is ample —, and each string's most.
             var room = 2
             for p in parts {
                 room += 48 + JSON.maxStringBytes(p.topic?.utf8.count ?? 0) + JSON.maxStringBytes(p.eventID?.utf8.count ?? 0)

@@ -152,15 +152,10 @@ extension ByteBuffer {
     /// check: each of ByteBuffer's writes checks capacity and ownership, and these are per key,
     /// header and message id on the hot path.
     public mutating func writeQuoted(_ bytes: UnsafeRawBufferPointer) {
-        writeWithUnsafeMutableBytes(minimumWritableBytes: bytes.count + 2) { out in
-            out[0] = UInt8(ascii: "\"")
-            UnsafeMutableRawBufferPointer(rebasing: out[1...]).copyMemory(from: bytes)
-            out[bytes.count + 1] = UInt8(ascii: "\"")
-            return bytes.count + 2
-        }
+        writeWithUnsafeMutableBytes(minimumWritableBytes: bytes.count + 2) { $0.putQuoted(bytes, at: 0) }
     }
 
-    /// Writes a non-negative integer's decimal digits (no `String` made for it).
+    /// Writes an integer's decimal digits (no `String` made for it).
     public mutating func writeDecimal<T: BinaryInteger>(_ value: T) {
         writeWithUnsafeMutableBytes(minimumWritableBytes: 40) { out in out.putDecimal(value, at: 0) }
     }
