@@ -1,3 +1,4 @@
+import CRdKafka
 import Foundation
 import Logging
 import NIOCore
@@ -145,15 +146,8 @@ public final class ProducerPool<Context: Sendable>: @unchecked Sendable {
             if let old = producers[configuration], let error = old.fatalError {
                 // A producer that hit a fatal error reports nothing more: what it still held is
                 // answered now, as retryable, and goes out again through the new one.
-                let id = ObjectIdentifier(old)
-                statistics[id] = nil
-                for (number, group) in pending.groups where group.producer == id {
-                    pending.groups[number] = nil
-                    guard let context = contexts.removeValue(forKey: number) else { continue }
-                    let retry = KafkaError(code: error.code, name: error.name, message: error.message, isRetriable: true)
-                    let failures = (group.failures + group.unsettled.map { ($0, retry) }).sorted { $0.index < $1.index }
-                    orphaned.append(Outcome(context: context, count: group.count, failures: failures))
-                }
+                statistics[ObjectIdentifier(old)] = nil
+                orphaned = abandon(old, error: KafkaError(code: error.code, name: error.name, message: error.message, isRetriable: true))
             }
             producers[configuration] = producer
             return producer
@@ -194,10 +188,26 @@ public final class ProducerPool<Context: Sendable>: @unchecked Sendable {
         }
     }
 
+    /// Answers every group `producer` still holds, its unsettled messages failed with `error`
+    /// (retryable: they go out again, through another producer). Called with the lock held.
+    private func abandon(_ producer: KafkaProducer, error: KafkaError) -> [Outcome] {
+        let id = ObjectIdentifier(producer)
+        var outcomes: [Outcome] = []
+        for (number, group) in pending.groups where group.producer == id {
+            pending.groups[number] = nil
+            guard let context = contexts.removeValue(forKey: number) else { continue }
+            let failures = (group.failures + group.unsettled.map { ($0, error) }).sorted { $0.index < $1.index }
+            outcomes.append(Outcome(context: context, count: group.count, failures: failures))
+        }
+        return outcomes
+    }
+
     /// Closes the producers whose configuration is not in `needed`, after what they hold is
-    /// delivered or reported (on a thread of their own). Returns how many.
+    /// delivered or reported (on a thread of their own), waiting at most `flushTimeout`: what is
+    /// still unreported then (its cluster unreachable, say) is answered as failed and retryable —
+    /// the sender offers it again, to whatever destination the tenant has now. Returns how many.
     @discardableResult
-    public func retain(_ needed: Set<ProducerConfiguration>) -> Int {
+    public func retain(_ needed: Set<ProducerConfiguration>, flushTimeout: Duration = .seconds(30)) -> Int {
         let unused: [KafkaProducer] = lock.withLock {
             let gone = producers.filter { !needed.contains($0.key) }
             for (configuration, producer) in gone {
@@ -207,8 +217,14 @@ public final class ProducerPool<Context: Sendable>: @unchecked Sendable {
             return Array(gone.values)
         }
         guard !unused.isEmpty else { return 0 }
-        Thread.detachNewThread {
-            for p in unused { _ = p.flush(timeout: .seconds(30)) }
+        Thread.detachNewThread { [self] in
+            for p in unused where p.flush(timeout: flushTimeout) > 0 {
+                let closed = KafkaError(
+                    code: RD_KAFKA_RESP_ERR__TIMED_OUT.rawValue, name: "_TIMED_OUT",
+                    message: "the producer was closed (no destination uses it) before Kafka confirmed", isRetriable: true)
+                let outcomes = lock.withLock { abandon(p, error: closed) }
+                if !outcomes.isEmpty { onOutcomes(outcomes) }
+            }
             // Destroyed when this closure lets go of the last reference.
         }
         return unused.count

@@ -110,4 +110,29 @@ final class ProducerPoolTests: XCTestCase {
         XCTAssertEqual(producer.flush(timeout: .seconds(10)), 0)
         XCTAssertEqual(outcomes.all.map(\.context), ["kept"])
     }
+    func testAClosedProducersUnreportedGroupsAreAnsweredRetryable() throws {
+        // A destination swapped away from a cluster that is down: its producer is closed after
+        // the flush timeout, long before librdkafka's message timeout; what it still held must be
+        // answered (retryable), not wait for ever.
+        let cluster = try MockCluster(brokers: 1)
+        let outcomes = Outcomes()
+        let pool = ProducerPool<String>(logger: .init(label: "test"), onOutcomes: outcomes.add)
+        let configuration = ProducerConfiguration(bootstrapServers: cluster.bootstrapServers, securityProtocol: .plaintext)
+        XCTAssertEqual(configuration.messageTimeout, .seconds(300))
+        let producer = try pool.producer(for: configuration, metadata: [:])
+        let topic = try producer.topic("closed")
+        cluster.setBroker(1, up: false)
+        let group = pool.begin(producer, count: 2, context: "held")
+        for i in 0..<2 {
+            produce("{\"c\":\(i)}", eventID: nil, index: i, of: group, topic: topic, headers: KafkaHeaders([]), producer: producer, pool: pool)
+        }
+        XCTAssertEqual(pool.retain([], flushTimeout: .milliseconds(300)), 1)
+        XCTAssertEqual(pool.count, 0)
+        XCTAssertTrue(eventually(timeout: 10) { outcomes.all.count == 1 })
+        let outcome = try XCTUnwrap(outcomes.all.first)
+        XCTAssertEqual(outcome.context, "held")
+        XCTAssertEqual(outcome.failures.map(\.index), [0, 1])
+        XCTAssertEqual(outcome.failures.map(\.error.isRetriable), [true, true])
+        XCTAssertEqual(outcome.failures.first?.error.name, "_TIMED_OUT")
+    }
 }
