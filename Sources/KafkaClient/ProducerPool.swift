@@ -41,17 +41,24 @@ private struct PendingGroups {
     static let maxNumber: UInt64 = (1 << (63 - indexBits)) - 1
     var groups: [UInt64: Pending] = [:]
 
-    /// Settles the messages; returns the groups now complete (removed).
-    mutating func settle<Results: Sequence<(id: UInt64, error: KafkaError?)>>(_ results: Results) -> [(number: UInt64, group: Pending)] {
+    /// Settles the messages; returns the groups now complete (removed). Reports come in runs of
+    /// one group (a frame's messages share a key, so a partition): each run costs one lookup, its
+    /// group settled outside the dictionary and put back if still incomplete.
+    mutating func settle(_ reports: [DeliveryReport]) -> [(number: UInt64, group: Pending)] {
         let mask: UInt64 = (1 << Self.indexBits) - 1
         var done: [(number: UInt64, group: Pending)] = []
-        for (id, error) in results {
-            let number = id >> Self.indexBits
-            guard let remaining = groups[number]?.settle(Int(id & mask), error: error), remaining == 0,
-                let group = groups.removeValue(forKey: number)
-            else { continue }
-            done.append((number, group))
+        var current: (number: UInt64, group: Pending)?
+        for report in reports {
+            let number = report.id >> Self.indexBits
+            if current?.number != number {
+                if let c = current { groups[c.number] = c.group }
+                current = groups.removeValue(forKey: number).map { (number, $0) }
+            }
+            guard current != nil, current!.group.settle(Int(report.id & mask), error: report.error) == 0 else { continue }
+            done.append(current!)
+            current = nil
         }
+        if let c = current { groups[c.number] = c.group }
         return done
     }
 }
@@ -174,7 +181,7 @@ public final class ProducerPool<Context: Sendable>: @unchecked Sendable {
     /// Message `index` of `group` was refused by librdkafka (not `_QUEUE_FULL`, which is retried):
     /// it is settled as failed.
     public func refused(_ group: Group, index: Int, error: KafkaError) {
-        settle([(group.id(index), error)])
+        delivered([DeliveryReport(id: group.id(index), error: error, partition: -1, offset: -1)])
     }
 
     /// Forgets the groups whose context matches (their outcomes are no longer wanted, e.g. the
@@ -235,14 +242,10 @@ public final class ProducerPool<Context: Sendable>: @unchecked Sendable {
         for p in lock.withLock({ Array(producers.values) }) { p.flush(timeout: timeout) }
     }
 
-    private func delivered(_ reports: [DeliveryReport]) {
-        settle(reports.lazy.map { (id: $0.id, error: $0.error) })
-    }
-
     /// Settles messages by id; answers the groups that are complete.
-    private func settle<Results: Sequence<(id: UInt64, error: KafkaError?)>>(_ results: Results) {
+    private func delivered(_ reports: [DeliveryReport]) {
         let outcomes: [Outcome] = lock.withLock {
-            pending.settle(results).compactMap { number, group in
+            pending.settle(reports).compactMap { number, group in
                 contexts.removeValue(forKey: number).map {
                     Outcome(context: $0, count: group.count, failures: group.failures.sorted { $0.index < $1.index })
                 }
