@@ -124,7 +124,7 @@ public final class ProducerPool<Context: Sendable>: @unchecked Sendable {
     /// The producer for `configuration`, created on first use (or after a fatal error).
     /// `metadata` names, in librdkafka's log lines, the destination that first needed it.
     public func producer(for configuration: ProducerConfiguration, metadata: Logger.Metadata) throws(KafkaError) -> KafkaProducer {
-        if let p = lock.withLock({ producers[configuration] }), p.fatalError == nil { return p }
+        if let p = existing(configuration) { return p }
         var producerLogger = logger
         for (k, v) in metadata { producerLogger[metadataKey: k] = v }
         producerLogger[metadataKey: "kafka.bootstrap"] = "\(configuration.bootstrapServers)"
@@ -161,6 +161,12 @@ public final class ProducerPool<Context: Sendable>: @unchecked Sendable {
         }
         if !orphaned.isEmpty { onOutcomes(orphaned) }
         return chosen
+    }
+
+    /// The producer for `configuration` if there is one that can still send (no fatal error).
+    public func existing(_ configuration: ProducerConfiguration) -> KafkaProducer? {
+        guard let p = lock.withLock({ producers[configuration] }), p.fatalError == nil else { return nil }
+        return p
     }
 
     /// Starts a group of `count` messages for `producer`, answered with `context` once all are

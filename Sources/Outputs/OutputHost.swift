@@ -82,6 +82,8 @@ public final class OutputHost<Spec: Sendable>: Sendable {
 
     /// The producer for a destination (created on first use), counted in the metrics.
     public func producer(for configuration: ProducerConfiguration, key: String) throws(KafkaError) -> KafkaProducer {
+        // Per frame: no metadata built, no gauge set, unless a producer is made.
+        if let producer = pool.existing(configuration) { return producer }
         let producer = try pool.producer(for: configuration, metadata: ["destination": "\(key.split(separator: "#").first ?? "")"])
         metrics.producers.set(Double(pool.count))
         return producer

@@ -392,13 +392,20 @@ extension Frame {
         }
     }
 
+    /// One message of a batch frame (a struct, not a tuple: an array of tuples is copied and
+    /// destroyed through the runtime's generic tuple witnesses, a per-event cost in kafka-out).
+    public struct Message {
+        public var payload: ByteBuffer
+        public var part: Part?
+    }
+
     /// The messages of a batch frame: its payload when it has no `parts`, else the payload's
     /// elements, cut by the parts' lengths (each checked to end where the array has a separator).
-    public func messages() throws(FrameError) -> [(payload: ByteBuffer, part: Part?)] {
+    public func messages() throws(FrameError) -> [Message] {
         guard let payload else { throw .invalidFrame("batch frame without payload") }
-        guard let parts else { return [(payload, nil)] }
+        guard let parts else { return [Message(payload: payload, part: nil)] }
         guard !parts.isEmpty else { throw .invalidFrame("'parts' is empty") }
-        var out: [(payload: ByteBuffer, part: Part?)] = []
+        var out: [Message] = []
         out.reserveCapacity(parts.count)
         let count = payload.readableBytes
         let start = payload.readerIndex
@@ -411,7 +418,7 @@ extension Frame {
             guard part.bytes > 0, offset + part.bytes < count,
                 payload.getInteger(at: start + offset + part.bytes, as: UInt8.self) == separator
             else { throw .invalidFrame("part \(i) (\(part.bytes) bytes) does not match the payload's elements") }
-            out.append((payload.getSlice(at: start + offset, length: part.bytes)!, part))
+            out.append(Message(payload: payload.getSlice(at: start + offset, length: part.bytes)!, part: part))
             offset += part.bytes + 1
         }
         guard offset == count else { throw .invalidFrame("the payload has more than its parts") }
