@@ -67,14 +67,22 @@ public struct Delivery: Sendable {
         let headers = KafkaHeaders(frame.headers?.map { ($0.name, $0.value) } ?? [])
         let group = pool.begin(producer, count: messages.count, context: FrameReply(peer: peer, routerID: frame.id, several: frame.parts != nil))
         var key = frame.key
-        var current: (name: String, topic: KafkaTopic)?
+        // The topic handle of the last name looked up (kafka-out: the destination's, one for the
+        // frame; keen-out: each part's collection, usually the same for a run of parts).
+        var currentName: String?
+        var current: KafkaTopic?
         for (index, m) in messages.enumerated() {
-            let name = topic ?? m.part?.topic ?? frame.topic!
             while true {
                 let failure: KafkaError?
                 do throws(KafkaError) {
-                    if current?.name != name { current = (name, try producer.topic(name)) }
-                    try send(m.payload, eventID: m.part?.eventID, key: &key, topic: current!.topic, headers: headers, id: group.id(index), producer)
+                    if current == nil || topic == nil {
+                        let name = topic ?? m.part?.topic ?? frame.topic!
+                        if current == nil || currentName != name {
+                            current = try producer.topic(name)
+                            currentName = name
+                        }
+                    }
+                    try send(m.payload, eventID: m.part?.eventID, key: &key, topic: current!, headers: headers, id: group.id(index), producer)
                     failure = nil
                 } catch { failure = error }
                 guard let failure else { break }
