@@ -230,15 +230,17 @@ public final class ProducerPool<Context: Sendable>: @unchecked Sendable {
             return Array(gone.values)
         }
         guard !unused.isEmpty else { return 0 }
-        Thread.detachNewThread { [self] in
-            for p in unused where p.flush(timeout: flushTimeout) > 0 {
+        // A thread each: one producer's unreachable cluster must not delay another's answers.
+        for p in unused {
+            Thread.detachNewThread { [self] in
+                guard p.flush(timeout: flushTimeout) > 0 else { return }
                 let closed = KafkaError(
                     code: RD_KAFKA_RESP_ERR__TIMED_OUT.rawValue, name: "_TIMED_OUT",
                     message: "the producer was closed (no destination uses it) before Kafka confirmed", isRetriable: true)
                 let outcomes = lock.withLock { abandon(p, error: closed) }
                 if !outcomes.isEmpty { onOutcomes(outcomes) }
+                // Destroyed when this closure lets go of the last reference.
             }
-            // Destroyed when this closure lets go of the last reference.
         }
         return unused.count
     }
